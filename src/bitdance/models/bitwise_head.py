@@ -1,0 +1,93 @@
+"""Per-bit classification head: the ablation baseline for the binary diffusion head.
+
+Infinity's "infinite-vocabulary classifier": one linear layer maps the backbone's condition to two logits per
+bit (bit = -1 / bit = +1), trained with a per-bit cross-entropy. Each bit is sampled independently, so the
+head cannot model correlations between the bits of a token; that is what the diffusion head adds.
+
+Same interface as `DiffusionHead` (built from the same `HeadConfig`; the flow fields are unused).
+Letters: b batch, p tokens per patch, k bits per token, d condition width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitdance.models.diffusion_head import HeadConfig, validate_head_config
+from bitdance.utils import fp32_island
+
+
+class BitwiseHead(nn.Module):
+    """loss(cond (b, p, d), target (b, p, k)) -> scalar; sample(cond (m, p, d), ...) -> (b, p, k) in {-1, +1}."""
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        validate_head_config(config)
+        self.config = config
+        self.linear = nn.Linear(config.cond_dim, 2 * config.token_bits)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        nn.init.xavier_uniform_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def logits(self, cond: torch.Tensor) -> torch.Tensor:
+        """(m, p, d) -> (m, p, k, 2) logits, index 0 for bit -1 and index 1 for bit +1; fp32."""
+        w = self.linear.weight
+        out = self.linear(cond.to(w.dtype)).float()  # (m, p, 2 k)
+        return out.view(*cond.shape[:2], self.config.token_bits, 2)
+
+    def _check(self, cond: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        if cond.ndim != 3 or cond.shape[-1] != self.config.cond_dim:
+            raise ValueError(f"cond must be (b, p, {self.config.cond_dim}), got {tuple(cond.shape)}")
+        if target is not None and target.shape != (*cond.shape[:2], self.config.token_bits):
+            raise ValueError(f"target must be {(*cond.shape[:2], self.config.token_bits)}, got {tuple(target.shape)}")
+
+    def loss(
+        self,
+        cond: torch.Tensor,
+        target: torch.Tensor,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Mean per-bit cross-entropy. Deterministic, so diff_batch_mul repeats would change nothing."""
+        self._check(cond, target)
+        with fp32_island(cond.device.type):
+            logits = self.logits(cond.float())  # (b, p, k, 2)
+            labels = (target > 0).long()  # (b, p, k): +1 -> class 1
+            ce = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
+            if reduction == "mean":
+                return ce.mean()
+            if reduction == "none":
+                return ce.mean(dim=-1)  # (b, p)
+            raise ValueError(f"unknown reduction {reduction!r}")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        num_steps: int | None = None,
+        cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Each bit drawn from softmax(logits / temperature); num_steps is ignored (one shot).
+
+        cfg_scale float: cond is [cond; uncond] and logits mix as u + s (c - u). temperature <= 0: argmax.
+        """
+        self._check(cond)
+        m = cond.shape[0]
+        if cfg_scale is not None and m % 2:
+            raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
+        with fp32_island(cond.device.type):
+            logits = self.logits(cond.float())  # (m, p, k, 2)
+            if cfg_scale is not None:
+                lc, lu = logits.chunk(2, dim=0)
+                logits = lu + cfg_scale * (lc - lu)  # (b, p, k, 2)
+            diff = logits[..., 1] - logits[..., 0]  # (b, p, k): log-odds of bit +1
+            temp = self.config.temperature
+            if temp <= 0:
+                return torch.where(diff > 0, 1.0, -1.0)
+            p_one = torch.sigmoid(diff / temp)  # softmax over 2 classes at this temperature
+            u = torch.rand(p_one.shape, generator=generator, device=cond.device, dtype=torch.float32)
+            return torch.where(u < p_one, 1.0, -1.0)

@@ -1,0 +1,335 @@
+"""Binary diffusion head: predicts a token's bits from the backbone's condition with a rectified flow.
+
+Official module tree under `head.net` (ref §4.1, §6.2), so official state dicts load with strict=True:
+
+- `MlpEncoder` (parallel == 1, ImageNet 1x): a per-token residual SwiGLU MLP with DiT-style adaLN.
+- `TransEncoder` (parallel > 1, ImageNet 4x/16x and T2I): the same, plus bidirectional self-attention over
+  the p tokens of one patch (no positional encoding inside the head).
+
+Orders checked against the official source (`imagenet_gen/src/diff_head*.py`,
+`modeling/vision_head/flow_head_parallel_x.py`): adaLN chunks are (scale, shift, gate) per sub-block,
+final layer (scale, shift) with no SiLU on its input beyond y = SiLU(t_emb + c_emb); SwiGLU gates the
+first half of w1 (silu(a) * b); the adaLN linear k serves blocks [k f, (k + 1) f) with f = depth // num_adaln.
+
+The head runs in fp32 with autocast off (utils.fp32_island). Letters: b batch, p tokens per patch,
+k bits per token, d condition width, D head width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bitdance.flow import FlowConfig, RectifiedFlow
+from bitdance.utils import UserError, fp32_island
+
+
+@dataclass
+class HeadConfig:
+    token_bits: int = 32  # k (official ch_target)
+    cond_dim: int = 768  # width of the backbone's condition (official ch_cond)
+    width: int = 768  # head width D (official ch_latent / model_dim)
+    depth: int = 6  # residual blocks
+    num_adaln: int = 2  # adaLN linears, each shared by depth/num_adaln consecutive blocks
+    parallel: int = 1  # p: 1 -> per-token MLP head (MlpEncoder), >1 -> patch-attention head (TransEncoder)
+    attn_head_dim: int = 64  # TransEncoder heads = width / attn_head_dim (ImageNet 64, T2I 128)
+    P_mean: float = -0.8  # logit-normal time sampling
+    P_std: float = 0.8
+    time_shift: float = 1.0
+    diff_batch_mul: int = 4  # repeats of each (cond, target) pair in the loss
+    bounded_output: bool = False  # T2I head: x_hat = 2 sigmoid(out) - 1
+    temperature: float = 1.0  # bitwise head sampling temperature
+
+
+# name -> config. Parameter counts (net only): B 1x 22,106,144; B 4x/16x 39,833,120; L 48.6 M; H 110.3 M;
+# T2I 1.758 B (ref §3.1, §4.1).
+HEAD_PRESETS = {
+    "tiny": lambda: HeadConfig(token_bits=16, cond_dim=64, width=64, depth=2, num_adaln=1, attn_head_dim=16),
+    "imagenet-b-1x": lambda: HeadConfig(cond_dim=768, width=768, depth=6, num_adaln=2),
+    "imagenet-b-4x": lambda: HeadConfig(cond_dim=768, width=768, depth=6, num_adaln=2, parallel=4),
+    "imagenet-b-16x": lambda: HeadConfig(cond_dim=768, width=768, depth=6, num_adaln=2, parallel=16),
+    "imagenet-l-1x": lambda: HeadConfig(cond_dim=1024, width=1024, depth=8, num_adaln=2),
+    "imagenet-h-1x": lambda: HeadConfig(cond_dim=1280, width=1280, depth=12, num_adaln=3),
+    "t2i-14b-16x": lambda: HeadConfig(
+        cond_dim=5120, width=5120, depth=6, num_adaln=2, parallel=16, attn_head_dim=128,
+        diff_batch_mul=1, bounded_output=True,
+    ),
+    "t2i-14b-64x": lambda: replace(HEAD_PRESETS["t2i-14b-16x"](), parallel=64),
+}
+
+
+def validate_head_config(c: HeadConfig) -> None:
+    """Raise UserError on a config the networks cannot be built from."""
+    if min(c.token_bits, c.cond_dim, c.width, c.depth, c.num_adaln, c.parallel, c.diff_batch_mul) < 1:
+        raise UserError(f"head config sizes must all be >= 1: {c}")
+    if c.depth % max(1, c.depth // c.num_adaln) != 0:
+        raise UserError(f"head depth {c.depth} must be divisible by num_adaln {c.num_adaln}")
+    if c.parallel > 1 and c.width % c.attn_head_dim != 0:
+        raise UserError(f"head width {c.width} must be divisible by attn_head_dim {c.attn_head_dim}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks (official names)
+# ----------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """(n,) t in [0, 1] -> (n, dim): [cos | sin] of 1000 t times geometric frequencies (ref §4.1)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (1000.0 * t.float())[:, None] * freqs[None]  # (n, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (n, 2 half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype)  # (n, 256)
+        return self.mlp(emb)  # (n, D)
+
+
+class ResBlock(nn.Module):
+    """x + gate * SwiGLU(LN(x) (1 + scale) + shift); SwiGLU = w2(silu(a) * b), [a | b] = w1(h), hidden 1.5 D."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=True)
+        hidden = int(width * 1.5)
+        self.w1 = nn.Linear(width, 2 * hidden)
+        self.w2 = nn.Linear(hidden, width)
+
+    def forward(self, x, scale, shift, gate):
+        h = self.norm(x) * (1 + scale) + shift
+        a, b = self.w1(h).chunk(2, dim=-1)
+        return x + gate * self.w2(F.silu(a) * b)
+
+
+class PatchAttention(nn.Module):
+    """Bidirectional multi-head attention over the p tokens of a patch; fused qkv with bias, no RoPE."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.n_head = width // head_dim
+        self.head_dim = head_dim
+        self.wqkv = nn.Linear(width, 3 * width)
+        self.wo = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, d = x.shape
+        q, k, v = self.wqkv(x).chunk(3, dim=-1)  # (b, p, D) each, in q, k, v order
+        q, k, v = (u.view(b, p, self.n_head, self.head_dim).transpose(1, 2) for u in (q, k, v))  # (b, h, p, hd)
+        # SDPA's default scale 1/sqrt(hd) is what the official softmax(q k^T / sqrt(hd)) uses.
+        o = F.scaled_dot_product_attention(q, k, v)  # (b, h, p, hd)
+        return self.wo(o.transpose(1, 2).reshape(b, p, d))  # (b, p, D)
+
+
+class TransBlock(nn.Module):
+    """Pre-norm adaLN attention + SwiGLU; six modulation vectors (scale1, shift1, gate1, scale2, shift2, gate2)."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6, elementwise_affine=True)
+        self.attn = PatchAttention(width, head_dim)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6, elementwise_affine=True)
+        hidden = int(width * 1.5)
+        self.w1 = nn.Linear(width, 2 * hidden)
+        self.w2 = nn.Linear(hidden, width)
+
+    def forward(self, x, scale1, shift1, gate1, scale2, shift2, gate2):
+        x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
+        h = self.norm2(x) * (1 + scale2) + shift2
+        a, b = self.w1(h).chunk(2, dim=-1)
+        return x + gate2 * self.w2(F.silu(a) * b)
+
+
+class FinalLayer(nn.Module):
+    """Non-affine LN modulated by (scale, shift) = ada_ln_modulation(y), then linear to k bits."""
+
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.ada_ln_modulation = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, out)
+
+    def forward(self, x, y):
+        scale, shift = self.ada_ln_modulation(y).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class _Encoder(nn.Module):
+    """Shared parts of both encoders: embeddings, adaLN groups, final layer, init, block loop."""
+
+    n_mod = 3  # modulation vectors per block
+
+    def __init__(self, c: HeadConfig, blocks: list[nn.Module]):
+        super().__init__()
+        D = c.width
+        self.input_proj = nn.Linear(c.token_bits, D)
+        self.time_embed = TimestepEmbedder(D)
+        self.cond_embed = nn.Linear(c.cond_dim, D)
+        self.res_blocks = nn.ModuleList(blocks)
+        # One adaLN linear serves `switch` consecutive blocks (saves compute and parameters, as upstream).
+        self.ada_ln_blocks = nn.ModuleList(nn.Linear(D, self.n_mod * D) for _ in range(c.num_adaln))
+        self.switch = max(1, c.depth // c.num_adaln)
+        self.final_layer = FinalLayer(D, c.token_bits)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, zero biases, N(0, 0.02) time MLP, zero adaLN and output: a fresh net outputs 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        for m in [*self.ada_ln_blocks, self.final_layer.ada_ln_modulation, self.final_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mods = None
+        for i, block in enumerate(self.res_blocks):
+            if i % self.switch == 0:
+                mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, *mods, use_reentrant=False)
+            else:
+                x = block(x, *mods)
+        return self.final_layer(x, y)
+
+
+class MlpEncoder(_Encoder):
+    """Per-token head (1x). forward(x (n, k), t (n,), c (n, d)) -> x_hat (n, k)."""
+
+    n_mod = 3
+
+    def __init__(self, c: HeadConfig):
+        super().__init__(c, [ResBlock(c.width) for _ in range(c.depth)])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.time_embed(t) + self.cond_embed(c))  # (n, D)
+        return self._run(self.input_proj(x), y)  # (n, k)
+
+
+class TransEncoder(_Encoder):
+    """Patch head (p > 1). forward(x (b, p, k), t (b,), c (b, p, d)) -> x_hat (b, p, k)."""
+
+    n_mod = 6
+
+    def __init__(self, c: HeadConfig):
+        super().__init__(c, [TransBlock(c.width, c.attn_head_dim) for _ in range(c.depth)])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # One t per patch, a condition per token: y differs across the patch through c.
+        y = F.silu(self.time_embed(t)[:, None] + self.cond_embed(c))  # (b, p, D)
+        return self._run(self.input_proj(x), y)  # (b, p, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# The head
+# ----------------------------------------------------------------------------------------------
+
+
+class DiffusionHead(nn.Module):
+    """Binary diffusion head (`self.net` + a weight-free `RectifiedFlow`).
+
+    loss(cond (b, p, d), target (b, p, k)) -> scalar; sample(cond (m, p, d), ...) -> (b, p, k) in {-1, +1}.
+    """
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        validate_head_config(config)
+        self.config = config
+        self.net = MlpEncoder(config) if config.parallel == 1 else TransEncoder(config)
+        self.flow = RectifiedFlow(FlowConfig(P_mean=config.P_mean, P_std=config.P_std, time_shift=config.time_shift))
+
+    def initialize_weights(self) -> None:
+        self.net.initialize_weights()
+
+    def forward_net(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x_hat (n, p, k) for z (n, p, k), t (n,), cond (n, p, d); fp32 in and out.
+
+        The 1x net sees every token as its own row (t repeated over p), the patch net whole patches.
+        """
+        n, p, k = z.shape
+        dtype = self.net.input_proj.weight.dtype
+        z_, c_ = z.to(dtype), cond.to(dtype)
+        if isinstance(self.net, MlpEncoder):
+            out = self.net(z_.reshape(n * p, k), t.repeat_interleave(p), c_.reshape(n * p, -1)).view(n, p, k)
+        else:
+            out = self.net(z_, t, c_)  # (n, p, k)
+        out = out.float()
+        if self.config.bounded_output:
+            out = 2 * torch.sigmoid(out) - 1  # T2I: x_hat in (-1, 1)
+        return out
+
+    def _check(self, cond: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        if cond.ndim != 3 or cond.shape[-1] != self.config.cond_dim:
+            raise ValueError(f"cond must be (b, p, {self.config.cond_dim}), got {tuple(cond.shape)}")
+        if self.config.parallel > 1 and cond.shape[1] != self.config.parallel:
+            raise ValueError(f"this head works on patches of {self.config.parallel} tokens, got p={cond.shape[1]}")
+        if target is not None and target.shape != (*cond.shape[:2], self.config.token_bits):
+            raise ValueError(f"target must be {(*cond.shape[:2], self.config.token_bits)}, got {tuple(target.shape)}")
+
+    def loss(
+        self,
+        cond: torch.Tensor,
+        target: torch.Tensor,
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Velocity MSE; each (cond, target) pair repeated diff_batch_mul times with its own t and noise.
+
+        The 1x head draws one t per token, the patch head one t per patch (ref §4.2). reduction "none"
+        returns the per-token loss (b, p), averaged over bits and repeats (the T2I trainer's reduction).
+        """
+        self._check(cond, target)
+        b, p, _ = cond.shape
+        m = self.config.diff_batch_mul
+        with fp32_island(cond.device.type):
+            cond_r = cond.float().repeat(m, 1, 1)  # (m b, p, d), tiled like the official .repeat
+            x = target.float().repeat(m, 1, 1)  # (m b, p, k)
+            if self.config.parallel == 1:
+                # per-token t: every token becomes a row of its own
+                cond_r, x = cond_r.reshape(m * b * p, 1, -1), x.reshape(m * b * p, 1, -1)
+            fn = lambda z, t: self.forward_net(z, t, cond_r)  # noqa: E731
+            out = self.flow.loss(fn, x, generator, reduction=reduction)
+            if reduction == "none":
+                out = out.reshape(m, b, p).mean(0)  # (b, p)
+            return out
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        num_steps: int = 100,
+        cfg_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        binarize: bool = True,
+    ) -> torch.Tensor:
+        """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: cond is [cond; uncond] (2b)."""
+        self._check(cond)
+        m, p, _ = cond.shape
+        if cfg_scale is not None and m % 2:
+            raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
+        b = m if cfg_scale is None else m // 2
+        with fp32_island(cond.device.type):
+            cond32 = cond.float()
+            fn = lambda z, t: self.forward_net(z, t, cond32)  # noqa: E731
+            return self.flow.sample(
+                fn, shape=(b, p, self.config.token_bits), num_steps=num_steps, cfg_scale=cfg_scale,
+                generator=generator, device=cond.device, binarize=binarize,
+            )
