@@ -1,0 +1,606 @@
+"""ImageTokenizer: the official BitDance convolutional autoencoder with a binary (or VQ) bottleneck.
+
+Architecture and parameter names follow the official `VQModel` (ref §2.2, §6.2) exactly, so official
+tokenizer checkpoints (`ae_config.json` + `ae.safetensors`, or `ae_d16c32.pt`) load with strict=True:
+
+    encoder: conv_in -> down.{i}.block.{j} (+ down.{i}.downsample) -> mid_block.{j} -> norm_out -> conv_out
+    decoder: conv_in -> mid_block.{j} -> for l = L-1..0: adaptive.{l}, up.{l}.block.{b}, up.{l}.upsample
+             -> norm_out -> conv_out
+
+`decoder.up.{l}` / `decoder.adaptive.{l}` are indexed by resolution level (0 = full resolution), like the
+encoder, although the decoder runs them from l = L-1 down to 0 (the official code builds them with
+`insert(0, ...)`). Letters: b batch, c image channels, k bits per token (= z_channels), h/w token grid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from bitdance.models.quantizer import QuantizerConfig, QuantizerOutput, build_quantizer
+from bitdance.utils import PretrainedMixin, UserError, load_checkpoint, read_json
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 256
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 4
+    z_channels: int = 32  # k: bits per token
+    gan_decoder: bool = False  # noise-concat decoder (official d32 tokenizers)
+    quantizer: str = "binary"  # "binary" | "vq"
+    group_size: int = 8  # bits per entropy / VQ group
+    resolution: int = 256  # default image size
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        widths = [self.ch * m for m in self.ch_mult]
+        if any(w % 32 for w in widths):
+            raise UserError(f"tokenizer widths {widths} (ch x ch_mult) must be multiples of 32 (GroupNorm(32))")
+        if self.quantizer not in ("binary", "vq"):
+            raise UserError(f"unknown quantizer {self.quantizer!r}; choose binary or vq")
+        self.quantizer_config()  # validates z_channels % group_size
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.z_channels
+
+    def token_grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """(h, w) of the token grid for an image size (default `resolution`)."""
+        size = self.resolution if image_size is None else image_size
+        H, W = (size, size) if isinstance(size, int) else size
+        f = self.downsample_factor
+        if H % f or W % f:
+            raise UserError(f"image size {H}x{W} is not divisible by the tokenizer's downsampling factor {f}")
+        return H // f, W // f
+
+    def quantizer_config(self) -> QuantizerConfig:
+        cfg = QuantizerConfig(bits=self.z_channels, group_size=self.group_size, kind=self.quantizer)
+        cfg.num_groups  # noqa: B018 (raises UserError when z_channels % group_size != 0)
+        return cfg
+
+
+def tiny() -> TokenizerConfig:
+    """Unit tests: 16x16 RGB images -> 8x8 tokens of 16 bits."""
+    return TokenizerConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=16, resolution=16)
+
+
+def fmnist() -> TokenizerConfig:
+    """Fashion-MNIST (padded to 32x32, 1 channel) -> 8x8 tokens of 32 bits in 4 groups of 8."""
+    return TokenizerConfig(
+        in_channels=1, out_channels=1, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, resolution=32
+    )
+
+
+def d16c32() -> TokenizerConfig:
+    """Official 16x / 32-bit tokenizer (460.3 M parameters), used by every released AR model."""
+    return TokenizerConfig(ch=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, z_channels=32, resolution=256)
+
+
+def d32c128() -> TokenizerConfig:
+    """Official 32x / 128-bit tokenizer with the noise-concat GAN decoder."""
+    return TokenizerConfig(
+        ch=128, ch_mult=(1, 1, 2, 2, 4, 8), num_res_blocks=4, z_channels=128, gan_decoder=True, resolution=256
+    )
+
+
+def d32c256() -> TokenizerConfig:
+    """Official 32x / 256-bit tokenizer with the noise-concat GAN decoder."""
+    return TokenizerConfig(
+        ch=128, ch_mult=(1, 1, 2, 2, 4, 8), num_res_blocks=4, z_channels=256, gan_decoder=True, resolution=256
+    )
+
+
+TOKENIZER_PRESETS = {"tiny": tiny, "fmnist": fmnist, "d16c32": d16c32, "d32c128": d32c128, "d32c256": d32c256}
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _gn(channels: int, affine: bool = True) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6, affine=affine)
+
+
+class ResBlock(nn.Module):
+    """GN -> swish -> conv3x3 -> GN -> swish -> conv3x3, plus a 1x1 shortcut when the width changes."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1 = _gn(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm2 = _gn(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
+
+
+def depth_to_space_dcr(x: torch.Tensor, block: int = 2) -> torch.Tensor:
+    """(b, s*s*c, h, w) -> (b, c, h*s, w*s) in DCR order: channel (i*s + j)*c + c' goes to (c', h*s+i, w*s+j).
+
+    DCR ("depth-column-row", the official `depth_to_space`) puts the block offset in the OUTER part of the
+    channel index. `F.pixel_shuffle` is the CRD order (channel c'*s*s + i*s + j), which would scramble
+    official upsampler weights.
+    """
+    return rearrange(x, "b (i j c) h w -> b c (h i) (w j)", i=block, j=block)
+
+
+class Upsampler(nn.Module):
+    """conv3x3 C -> 4C, then depth-to-space (DCR) by 2: learned 2x upsampling, no interpolation."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 4 * channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depth_to_space_dcr(self.conv1(x), 2)  # (b, C, 2h, 2w)
+
+
+class AdaptiveGroupNorm(nn.Module):
+    """GN without affine, modulated by the quantized latent's global statistics: gamma(std) * gn(x) + beta(mean)."""
+
+    def __init__(self, z_channels: int, channels: int):
+        super().__init__()
+        self.gn = _gn(channels, affine=False)
+        self.gamma = nn.Linear(z_channels, channels)
+        self.beta = nn.Linear(z_channels, channels)
+
+    @staticmethod
+    def latent_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel spatial (std, mean) of z (b, k, h, w); std from the UNBIASED variance + 1e-6.
+
+        The official code uses torch.var's default (unbiased, N-1) despite a comment saying otherwise. A 1x1
+        grid has no unbiased variance (the official code gives NaN); there we fall back to the biased one.
+        """
+        flat = z.flatten(2)  # (b, k, h*w)
+        correction = 1 if flat.shape[-1] > 1 else 0
+        std = (flat.var(dim=-1, correction=correction) + 1e-6).sqrt()  # (b, k)
+        return std, flat.mean(dim=-1)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        std, mean = self.latent_stats(z)  # (b, k)
+        scale = self.gamma(std)[:, :, None, None]  # (b, C, 1, 1)
+        shift = self.beta(mean)[:, :, None, None]  # (b, C, 1, 1)
+        return scale * self.gn(x) + shift
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        ch, mult, nres = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1, bias=False)
+        self.down = nn.ModuleList()
+        c_in = ch
+        for i, m in enumerate(mult):
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(nres):
+                level.block.append(ResBlock(c_in, ch * m))
+                c_in = ch * m
+            if i < len(mult) - 1:
+                level.downsample = nn.Conv2d(c_in, c_in, 3, stride=2, padding=1)
+            self.down.append(level)
+        self.mid_block = nn.ModuleList([ResBlock(c_in, c_in) for _ in range(nres)])
+        self.norm_out = _gn(c_in)
+        self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)  # (b, ch, H, W)
+        for level in self.down:
+            for block in level.block:
+                x = block(x)
+            if hasattr(level, "downsample"):
+                x = level.downsample(x)  # (b, C, H/2^(i+1), W/2^(i+1))
+        for block in self.mid_block:
+            x = block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))  # (b, k, h, w)
+
+
+class Decoder(nn.Module):
+    """Official Decoder; with `gan_decoder`, the GANDecoder (standard-normal noise concatenated to z)."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        ch, mult, nres = cfg.ch, cfg.ch_mult, cfg.num_res_blocks
+        self.gan = cfg.gan_decoder
+        c_in = ch * mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels * (2 if self.gan else 1), c_in, 3, padding=1)
+        self.mid_block = nn.ModuleList([ResBlock(c_in, c_in) for _ in range(nres)])
+        up, adaptive = [None] * len(mult), [None] * len(mult)
+        for lvl in reversed(range(len(mult))):  # built top (coarsest) to bottom, stored by level index
+            adaptive[lvl] = AdaptiveGroupNorm(cfg.z_channels, c_in)
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(nres):
+                level.block.append(ResBlock(c_in, ch * mult[lvl]))
+                c_in = ch * mult[lvl]
+            if lvl > 0:
+                level.upsample = Upsampler(c_in)
+            up[lvl] = level
+        self.up = nn.ModuleList(up)
+        self.adaptive = nn.ModuleList(adaptive)
+        self.norm_out = _gn(c_in)
+        self.conv_out = nn.Conv2d(c_in, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        style = z  # (b, k, h, w): its global statistics modulate every level
+        if self.gan:
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = torch.cat([z, noise], dim=1)  # (b, 2k, h, w): latent first, then noise
+        x = self.conv_in(z)  # (b, C_top, h, w)
+        for block in self.mid_block:
+            x = block(x)
+        for lvl in reversed(range(len(self.up))):
+            x = self.adaptive[lvl](x, style)
+            for block in self.up[lvl].block:
+                x = block(x)
+            if lvl > 0:
+                x = self.up[lvl].upsample(x)  # (b, C, 2h', 2w')
+        return self.conv_out(F.silu(self.norm_out(x)))  # (b, c, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: torch.Tensor  # (b, c, H, W)
+    codes: torch.Tensor  # (b, k, h, w), straight-through in training
+    quant: QuantizerOutput = field(repr=False)  # indices, aux loss terms, usage
+
+
+class ImageTokenizer(nn.Module, PretrainedMixin):
+    """Images (b, c, H, W) in [-1, 1] <-> codes (b, k, H/f, W/f) of exactly ±1 (binary) or VQ latents."""
+
+    config_class = TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # official name `quantize`; the binary quantizer has no state, the VQ one owns `quantize.codebook`
+        self.quantize = build_quantizer(config.quantizer_config())
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.config.bits_per_token
+
+    def token_grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        return self.config.token_grid(image_size)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
+            raise UserError(
+                f"tokenizer expects images (b, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
+            )
+        self.token_grid(tuple(images.shape[-2:]))
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, c, H, W) -> codes (b, k, h, w): exactly ±1 (binary) or the quantized latent (vq); no gradient."""
+        self._check_images(images)
+        return self.quantize(self.encoder(images), compute_loss=False).codes.detach()
+
+    def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, c, H, W) -> indices (b, k/g, h, w), little endian per group of g bits."""
+        self._check_images(images)
+        return self.quantize(self.encoder(images), compute_loss=False).indices
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.quantize.indices_to_codes(indices)
+
+    def decode(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """codes (b, k, h, w) -> images (b, c, h*f, w*f); the GAN decoder draws its noise from `generator`."""
+        if codes.ndim != 4 or codes.shape[1] != self.config.z_channels:
+            raise UserError(f"tokenizer expects codes (b, {self.config.z_channels}, h, w), got {tuple(codes.shape)}")
+        param = self.decoder.conv_in.weight
+        return self.decoder(codes.to(param.device), generator=generator)
+
+    def decode_indices(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.decode(self.indices_to_codes(indices), generator=generator)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> TokenizerOutput:
+        """Training pass: encode, quantize (straight-through, aux losses in training mode), decode."""
+        self._check_images(images)
+        quant = self.quantize(self.encoder(images))
+        rec = self.decoder(quant.codes, generator=generator)  # (b, c, H, W)
+        return TokenizerOutput(reconstruction=rec, codes=quant.codes, quant=quant)
+
+
+    @classmethod
+    def from_official(
+        cls, path: str | os.PathLike, config: TokenizerConfig | None = None, device: str | torch.device = "cpu"
+    ) -> "ImageTokenizer":
+        """Load an official tokenizer checkpoint (strict).
+
+        `path`: a folder holding `ae_config.json` + `ae.safetensors` (or `<name>_config.json` +
+        `<name>.safetensors`), one of those two files, or a `.pt` dict with a `state_dict` key (e.g.
+        `ae_d16c32.pt`; a `vae.` prefix is stripped). Without `config` (and without a JSON config) the
+        architecture is inferred from the tensor shapes. A file that does not match raises UserError.
+        """
+        state, file_config, source = read_official_tokenizer(path)
+        config = config or file_config or infer_config(state, source)
+        expected = official_key_shapes(config)
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k} has shape {tuple(state[k].shape)}, expected {v}"
+            for k, v in expected.items()
+            if k in state and tuple(state[k].shape) != v
+        ]
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise UserError(f"{source} does not match the tokenizer config: {'; '.join(problems[:3])}{more}")
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.float().to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Official checkpoint layout
+# ----------------------------------------------------------------------------------------------
+
+OFFICIAL_CONFIG_NAME = "ae_config.json"
+OFFICIAL_WEIGHTS_NAME = "ae.safetensors"
+
+
+def official_key_shapes(config: TokenizerConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of the official `VQModel` (ref §6.2) with its shape, written out from the spec.
+
+    Kept independent of the module tree above, so that loading `random_official_state_dict` strictly is a
+    real check of our parameter names. Quantizer state (the VQ codebook) is ours, not official, and is
+    included only for the vq quantizer.
+    """
+    ch, mult, nres, z = config.ch, config.ch_mult, config.num_res_blocks, config.z_channels
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def gn(name, c):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
+
+    def res(name, ci, co):
+        gn(f"{name}.norm1", ci)
+        shapes[f"{name}.conv1.weight"] = (co, ci, 3, 3)
+        gn(f"{name}.norm2", co)
+        shapes[f"{name}.conv2.weight"] = (co, co, 3, 3)
+        if ci != co:
+            shapes[f"{name}.nin_shortcut.weight"] = (co, ci, 1, 1)
+
+    shapes["encoder.conv_in.weight"] = (ch, config.in_channels, 3, 3)
+    in_mult = (1,) + tuple(mult)
+    for i in range(len(mult)):
+        ci, co = ch * in_mult[i], ch * mult[i]
+        for j in range(nres):
+            res(f"encoder.down.{i}.block.{j}", ci if j == 0 else co, co)
+        if i < len(mult) - 1:
+            shapes[f"encoder.down.{i}.downsample.weight"] = (co, co, 3, 3)
+            shapes[f"encoder.down.{i}.downsample.bias"] = (co,)
+    top = ch * mult[-1]
+    for j in range(nres):
+        res(f"encoder.mid_block.{j}", top, top)
+    gn("encoder.norm_out", top)
+    shapes["encoder.conv_out.weight"], shapes["encoder.conv_out.bias"] = (z, top, 1, 1), (z,)
+
+    shapes["decoder.conv_in.weight"] = (top, z * (2 if config.gan_decoder else 1), 3, 3)
+    shapes["decoder.conv_in.bias"] = (top,)
+    for j in range(nres):
+        res(f"decoder.mid_block.{j}", top, top)
+    for lvl in range(len(mult)):
+        c_in = ch * (mult[lvl + 1] if lvl + 1 < len(mult) else mult[-1])  # width arriving from the level above
+        co = ch * mult[lvl]
+        for name in ("gamma", "beta"):
+            shapes[f"decoder.adaptive.{lvl}.{name}.weight"] = (c_in, z)
+            shapes[f"decoder.adaptive.{lvl}.{name}.bias"] = (c_in,)
+        for b in range(nres):
+            res(f"decoder.up.{lvl}.block.{b}", c_in if b == 0 else co, co)
+        if lvl > 0:
+            shapes[f"decoder.up.{lvl}.upsample.conv1.weight"] = (4 * co, co, 3, 3)
+            shapes[f"decoder.up.{lvl}.upsample.conv1.bias"] = (4 * co,)
+    gn("decoder.norm_out", ch * mult[0])
+    shapes["decoder.conv_out.weight"] = (config.out_channels, ch * mult[0], 3, 3)
+    shapes["decoder.conv_out.bias"] = (config.out_channels,)
+    if config.quantizer == "vq":
+        qc = config.quantizer_config()
+        shapes["quantize.codebook"] = (qc.num_groups, qc.codebook_size, qc.group_size)
+    return shapes
+
+
+def random_official_state_dict(
+    config: TokenizerConfig, generator: torch.Generator | None = None, scale: float = 0.02
+) -> dict[str, torch.Tensor]:
+    """A random state dict in the official key layout (tests, converters); GN weights are 1."""
+    out = {}
+    for k, shape in official_key_shapes(config).items():
+        t = torch.randn(shape, generator=generator) * scale
+        if ".norm" in k and k.endswith(".weight"):
+            t = t + 1.0
+        out[k] = t
+    return out
+
+
+def official_ae_config(config: TokenizerConfig) -> dict:
+    """Our config as the official `ae_config.json` (the kwargs of the official `VQModel`)."""
+    ddconfig = {
+        "ch": config.ch,
+        "out_ch": config.out_channels,
+        "in_channels": config.in_channels,
+        "num_res_blocks": config.num_res_blocks,
+        "z_channels": config.z_channels,
+        "ch_mult": list(config.ch_mult),
+        "resolution": config.resolution,
+        "double_z": False,
+    }
+    return {"ddconfig": ddconfig, "gan_decoder": config.gan_decoder}
+
+
+def config_from_official(ae_config: dict, source: str = "ae_config.json") -> TokenizerConfig:
+    """Official `{"ddconfig": {...}, "gan_decoder": ...}` -> TokenizerConfig (binary, groups of 8 bits)."""
+    dd = ae_config.get("ddconfig") if isinstance(ae_config, dict) else None
+    if not isinstance(dd, dict):
+        raise UserError(f"{source} has no 'ddconfig' object; is it an official BitDance ae_config.json?")
+    try:
+        z = int(dd["z_channels"])
+        groups = int(ae_config.get("num_codebooks", 0)) or (z // 8 if z % 8 == 0 else 1)
+        return TokenizerConfig(
+            in_channels=int(dd.get("in_channels", 3)),
+            out_channels=int(dd.get("out_ch", 3)),
+            ch=int(dd["ch"]),
+            ch_mult=tuple(int(m) for m in dd["ch_mult"]),
+            num_res_blocks=int(dd["num_res_blocks"]),
+            z_channels=z,
+            gan_decoder=bool(ae_config.get("gan_decoder", False)),
+            group_size=z // groups,
+            resolution=int(dd.get("resolution") or 256),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: ddconfig is missing or has a bad field: {e}")
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> TokenizerConfig:
+    """Rebuild the architecture from official tensor shapes (binary quantizer, groups of 8 bits)."""
+
+    def get(key):
+        if key not in state:
+            raise UserError(f"{source} is not an official BitDance tokenizer: no {key}")
+        return state[key]
+
+    ch, in_channels = get("encoder.conv_in.weight").shape[:2]
+    levels = 1 + max(
+        (int(k.split(".")[2]) for k in state if k.startswith("encoder.down.") and k.split(".")[2].isdigit()),
+        default=-1,
+    )
+    nres = sum(1 for k in state if k.startswith("encoder.down.0.block.") and k.endswith(".conv1.weight"))
+    if levels < 1 or nres < 1:
+        raise UserError(f"{source} is not an official BitDance tokenizer: no encoder.down.0.block.0")
+    mult = tuple(get(f"encoder.down.{i}.block.0.conv1.weight").shape[0] // ch for i in range(levels))
+    z = get("encoder.conv_out.weight").shape[0]
+    gan = get("decoder.conv_in.weight").shape[1] == 2 * z
+    out_channels = get("decoder.conv_out.weight").shape[0]
+    vq = "quantize.codebook" in state
+    group_size = state["quantize.codebook"].shape[-1] if vq else (8 if z % 8 == 0 else z)
+    return TokenizerConfig(
+        in_channels=int(in_channels), out_channels=int(out_channels), ch=int(ch), ch_mult=mult,
+        num_res_blocks=nres, z_channels=int(z), gan_decoder=bool(gan),
+        quantizer="vq" if vq else "binary", group_size=int(group_size),
+    )  # fmt: skip
+
+
+def preset_name(config: TokenizerConfig) -> str | None:
+    """The preset whose architecture equals `config` (resolution and quantizer aside), if any."""
+    arch = ("in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks", "z_channels", "gan_decoder")
+    for name, fn in TOKENIZER_PRESETS.items():
+        p = fn()
+        if all(getattr(p, a) == getattr(config, a) for a in arch):
+            return name
+    return None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # header errors, truncated files
+        raise UserError(f"cannot read safetensors file {path}: {type(e).__name__}: {str(e)[:200]}")
+
+
+def _strip_official_prefixes(state: dict, source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{source} does not hold a state dict of tensors")
+    if any(k.startswith("vae.") for k in state):  # a whole ImageNet BitDance model: keep its tokenizer
+        state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
+    return state
+
+
+def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerConfig | None, str]:
+    """(state dict, config from a JSON file or None, source description) for any official tokenizer file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"tokenizer checkpoint not found: {path}")
+    config_path = weights_path = None
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors"))
+        pts = sorted(list(path.glob("*.pt")) + list(path.glob("*.pth")) + list(path.glob("*.ckpt")))
+        if (path / OFFICIAL_WEIGHTS_NAME).is_file():
+            weights_path = path / OFFICIAL_WEIGHTS_NAME
+        elif len(weights) == 1:
+            weights_path = weights[0]
+        elif not weights and len(pts) == 1:
+            return read_official_tokenizer(pts[0])
+        else:
+            raise UserError(f"{path} has no {OFFICIAL_WEIGHTS_NAME} (or a single .safetensors / .pt file)")
+    elif path.suffix == ".json":
+        config_path = path
+        stem = path.name[: -len("_config.json")] if path.name.endswith("_config.json") else path.stem
+        for cand in (path.parent / f"{stem}.safetensors", path.parent / OFFICIAL_WEIGHTS_NAME):
+            if cand.is_file():
+                weights_path = cand
+                break
+        if weights_path is None:
+            raise UserError(f"no weights next to {path} (looked for {stem}.safetensors and {OFFICIAL_WEIGHTS_NAME})")
+    elif path.suffix == ".safetensors":
+        weights_path = path
+    elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        obj = load_checkpoint(path)
+        if isinstance(obj, dict):
+            for key in ("state_dict", "ema", "model"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+        state = _strip_official_prefixes(obj, str(path))
+        # the official quantizer's buffers (codebook, masks) are non-persistent; drop any that slipped in
+        state = {k: v for k, v in state.items() if not k.startswith("quantize.")}
+        return state, None, str(path)
+    else:
+        raise UserError(f"unsupported tokenizer file {path}: expected a folder, .safetensors, .json or .pt")
+
+    if config_path is None:
+        stem = weights_path.stem
+        for cand in (weights_path.parent / f"{stem}_config.json", weights_path.parent / OFFICIAL_CONFIG_NAME):
+            if cand.is_file():
+                config_path = cand
+                break
+    config = config_from_official(read_json(config_path), str(config_path)) if config_path else None
+    state = _strip_official_prefixes(_load_safetensors(weights_path), str(weights_path))
+    return state, config, str(weights_path)
+
+
+def save_official(model: ImageTokenizer, directory: str | os.PathLike) -> Path:
+    """Write `ae_config.json` + `ae.safetensors` in the official layout (binary tokenizers)."""
+    from safetensors.torch import save_file
+
+    from bitdance.utils import atomic_path, write_json
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(official_ae_config(model.config), directory / OFFICIAL_CONFIG_NAME)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / OFFICIAL_WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp))
+    return directory
