@@ -1,0 +1,140 @@
+"""Tokenizer metrics: PSNR, SSIM, bit usage and per-group code perplexity.
+
+Images come in [-1, 1] and are mapped to [0, 1] (clamped) before PSNR/SSIM, so a data range of 1.0 applies.
+Both metrics are computed per image and then averaged. Codes are +-1 bits (b, k, h, w), for binary and VQ
+tokenizers alike (a VQ tokenizer's indices are written as bits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+PSNR_CAP_DB = 100.0  # identical images give this instead of inf, so means and JSON stay finite
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
+    """Per-image PSNR in dB (b,) of images in [-1, 1], on the [0, 1] scale; capped at `cap_db`."""
+    mse = (_unit(x) - _unit(y)).pow(2).flatten(1).mean(1)  # (b,)
+    floor = 10.0 ** (-cap_db / 10.0)
+    return -10.0 * torch.log10(mse.clamp_min(floor))
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    return (g / g.sum()).float()  # (size,)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: float = 1.5,
+         k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """Per-image SSIM (b,) of images in [-1, 1] (Wang et al. 2004: Gaussian window, 'valid' filtering,
+    per channel, then the mean over channels and positions). The window shrinks for images under 11 px."""
+    a, b = _unit(x), _unit(y)  # (b, c, H, W)
+    n, c, h, w = a.shape
+    size = min(window_size, h, w)
+    size -= 1 - size % 2  # keep it odd
+    g = _gaussian_window(size, sigma).to(a.device)
+    kh = g.view(1, 1, size, 1).expand(c, 1, size, 1)  # separable: columns then rows, one filter per channel
+    kw = g.view(1, 1, 1, size).expand(c, 1, 1, size)
+
+    def blur(t):
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)  # (b, c, H-s+1, W-s+1)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = k1**2, k2**2  # data range 1
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)  # (b,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Codes
+# ----------------------------------------------------------------------------------------------
+
+
+def pack_groups(codes: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """+-1 codes (b, k, h, w) -> int64 indices (b*h*w, num_groups), little-endian bits within each group."""
+    b, k, h, w = codes.shape
+    if k % num_groups:
+        raise ValueError(f"{k} bits do not split into {num_groups} groups")
+    g = k // num_groups
+    if g > 62:
+        raise ValueError(f"groups of {g} bits do not fit an int64 index")
+    bits = (codes > 0).long().permute(0, 2, 3, 1).reshape(-1, num_groups, g)  # (n, groups, g)
+    weights = 2 ** torch.arange(g, device=codes.device)  # (g,)
+    return (bits * weights).sum(-1)  # (n, groups)
+
+
+def perplexity(indices: torch.Tensor) -> float:
+    """exp(entropy) of the empirical distribution of a 1-D tensor of code indices."""
+    _, counts = torch.unique(indices, return_counts=True)
+    p = counts.double() / counts.sum()
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def bit_usage(codes: torch.Tensor) -> dict:
+    """Fraction of +1 bits overall and per bit channel, for codes (b, k, h, w) of +-1."""
+    ones = (codes > 0).float()
+    per_bit = ones.transpose(0, 1).flatten(1).mean(1)  # (k,)
+    return {"ones_fraction": float(ones.mean()), "per_bit": per_bit.tolist()}
+
+
+class CodeStats:
+    """Accumulates bit usage and per-group code perplexity over batches of codes."""
+
+    def __init__(self, num_groups: int = 1):
+        self.num_groups = num_groups
+        self.ones, self.total = None, 0
+        self.indices: list[torch.Tensor] = []
+
+    def update(self, codes: torch.Tensor) -> None:
+        codes = codes.detach().cpu()
+        b, k, h, w = codes.shape
+        ones = (codes > 0).long().transpose(0, 1).flatten(1).sum(1)  # (k,)
+        self.ones = ones if self.ones is None else self.ones + ones
+        self.total += b * h * w
+        self.indices.append(pack_groups(codes, self.num_groups))
+
+    def compute(self) -> dict:
+        if self.ones is None:
+            return {}
+        per_bit = self.ones.double() / self.total  # (k,)
+        idx = torch.cat(self.indices)  # (n, groups)
+        bits_per_group = per_bit.numel() // self.num_groups
+        return {
+            "bit_usage": float(per_bit.mean()),
+            "bit_usage_per_bit": [round(v, 5) for v in per_bit.tolist()],
+            "bits_per_group": bits_per_group,
+            "perplexity_per_group": [round(perplexity(idx[:, j]), 3) for j in range(self.num_groups)],
+            "codebook_size_per_group": 2**bits_per_group,
+        }
+
+
+class ReconstructionMeter:
+    """Running PSNR/SSIM means plus code statistics, for evaluation loops."""
+
+    def __init__(self, num_groups: int = 1):
+        self.psnr_sum = self.ssim_sum = 0.0
+        self.count = 0
+        self.codes = CodeStats(num_groups)
+
+    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None):
+        self.psnr_sum += float(psnr(reconstructions, images).sum())
+        self.ssim_sum += float(ssim(reconstructions, images).sum())
+        self.count += images.shape[0]
+        if codes is not None:
+            self.codes.update(codes)
+
+    def compute(self) -> dict:
+        n = max(self.count, 1)
+        return {"psnr": self.psnr_sum / n, "ssim": self.ssim_sum / n, "num_images": self.count,
+                **self.codes.compute()}
