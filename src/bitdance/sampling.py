@@ -1,0 +1,99 @@
+"""Next-patch sampling for `BitDance`, with a KV cache (or cache-free recomputation) and classifier-free guidance.
+
+Official behaviour (ref §3.1, §8): CFG doubles the batch as [cond; null]. The linear schedule uses scale
+1 + (s - 1) * i / S at AR step i, so step 0 runs at exactly 1.0: there the head samples unguided on the whole
+doubled batch and each branch is fed its own tokens. From scale > 1 on, the head returns one guided sample per
+image and both branches are fed the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from bitdance.utils import UserError
+
+
+def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> float:
+    """Guidance scale at AR step `step` of `num_steps`."""
+    if schedule == "constant":
+        return float(cfg_scale)
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * step / num_steps
+    raise UserError(f"unknown cfg schedule {schedule!r}; choose 'linear' or 'constant'")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    class_labels: torch.Tensor,
+    num_steps: int | None = None,
+    cfg_scale: float | None = None,
+    cfg_schedule: str | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample token codes (b, k, h, w) in ±1 for class ids (b,). None arguments take the model config's defaults.
+
+    num_steps: head sampling steps per AR step. use_cache=False recomputes the whole prefix at every AR step
+    (slow; the same random draws in the same order as the cached path).
+    """
+    c = model.config
+    num_steps = c.num_sampling_steps if num_steps is None else int(num_steps)
+    cfg_scale = c.cfg_scale if cfg_scale is None else float(cfg_scale)
+    cfg_schedule = c.cfg_schedule if cfg_schedule is None else cfg_schedule
+    if cfg_schedule not in ("linear", "constant"):
+        raise UserError(f"unknown cfg schedule {cfg_schedule!r}; choose 'linear' or 'constant'")
+    if cfg_scale < 1.0:
+        raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
+    if num_steps < 1:
+        raise UserError(f"the number of head sampling steps must be >= 1, got {num_steps}")
+
+    device = model.norm.weight.device
+    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)  # (b,)
+    if labels.numel() == 0:
+        raise UserError("no class labels given")
+    if int(labels.min()) < 0 or int(labels.max()) >= c.num_classes:
+        raise UserError(f"class labels must be in 0..{c.num_classes - 1}, got {labels.tolist()}")
+
+    b, p, S = labels.shape[0], c.parallel, c.num_steps
+    # cfg_scale == 1 means every step is unguided under either schedule: the official code then skips the null branch
+    use_cfg = cfg_scale > 1.0
+    ids = torch.cat([labels, torch.full_like(labels, model.null_class)]) if use_cfg else labels  # (m,)
+    m = ids.shape[0]
+
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache:
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+            model.setup_cache(m, dtype=dtype, device=device)
+            cond = model.prefill(ids)  # (m, p, d)
+        else:
+            fed = torch.zeros(m, 0, c.token_bits, device=device)  # (m, 0, k) tokens fed so far, patch order
+            cond = model.prefix_conditions(ids, fed)
+        out = []
+        for i in tqdm(range(S), desc="sampling", disable=not progress, leave=False):
+            scale = cfg_scale_at(i, S, cfg_scale, cfg_schedule)
+            if use_cfg and scale > 1.0:
+                x = model.head.sample(cond, num_steps, scale, generator)  # (b, p, k)
+                feed = torch.cat([x, x], dim=0)  # (m, p, k): both branches see the same tokens
+            else:
+                feed = model.head.sample(cond, num_steps, None, generator)  # (m, p, k): each row its own
+                x = feed[:b]
+            out.append(x)
+            if i + 1 < S:
+                if use_cache:
+                    cond = model.decode_step(feed, i + 1)
+                else:
+                    fed = torch.cat([fed, feed.to(fed.dtype)], dim=1)
+                    cond = model.prefix_conditions(ids, fed)
+    finally:
+        if use_cache:
+            model.clear_cache()
+        model.train(was_training)
+
+    tokens = model.to_raster_order(torch.cat(out, dim=1).float())  # (b, n, k) raster
+    h, w = c.grid_size
+    return tokens.transpose(1, 2).reshape(b, c.token_bits, h, w)  # (b, k, h, w)

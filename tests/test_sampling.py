@@ -1,0 +1,156 @@
+"""sampling.generate: cached vs cache-free, CFG branch handling, order of outputs, reproducibility, save/load."""
+
+import pytest
+import torch
+from torch import nn
+
+from bitdance.models import transformer as T
+from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
+from bitdance.sampling import cfg_scale_at, generate
+from bitdance.utils import UserError
+
+
+class StubHead(nn.Module):
+    """Stand-in with the head interface (used until the real heads land)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.net = nn.Linear(config.dim, config.token_bits)
+
+    def loss(self, cond, target):
+        return ((self.net(cond) - target) ** 2).mean()
+
+    def sample(self, cond, num_steps, cfg_scale, generator):
+        logits = self.net(cond)
+        if cfg_scale is not None:
+            c, u = logits.chunk(2)
+            logits = u + cfg_scale * (c - u)
+        noise = torch.randn(logits.shape, generator=generator)
+        return torch.where(logits + noise > 0, 1.0, -1.0)
+
+
+@pytest.fixture(autouse=True)
+def stub_head(monkeypatch):
+    monkeypatch.setattr(T, "build_head", StubHead)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny matmuls on a shared 2-core box: extra intra-op threads only spin (measured ~100x slower)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(parallel=1, seed=0, **kw):
+    torch.manual_seed(seed)
+    return BitDance(BITDANCE_PRESETS["tiny"](parallel=parallel, **kw)).eval()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class Spy:
+    """Wraps head.sample and decode_step to record (rows in, scale, output) and what each step fed back."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls, self.fed = [], []
+        sample, decode = model.head.sample, model.decode_step
+
+        def spy_sample(cond, num_steps, cfg_scale, generator):
+            out = sample(cond, num_steps, cfg_scale, generator)
+            self.calls.append((cond.shape[0], cfg_scale, out))
+            return out
+
+        def spy_decode(new_tokens, step):
+            self.fed.append(new_tokens)
+            return decode(new_tokens, step)
+
+        monkeypatch.setattr(model.head, "sample", spy_sample)
+        monkeypatch.setattr(model, "decode_step", spy_decode)
+
+
+@pytest.mark.parametrize("grid,parallel,schedule", [((4, 4), 1, "linear"), ((8, 8), 16, "linear"),
+                                                    ((4, 4), 4, "constant")])
+def test_cached_equals_cache_free(grid, parallel, schedule):
+    model = make(parallel=parallel, grid_size=grid)
+    labels = torch.tensor([0, 3, 4])
+    a = generate(model, labels, cfg_scale=3.0, cfg_schedule=schedule, generator=gen(7), progress=False)
+    b = generate(model, labels, cfg_scale=3.0, cfg_schedule=schedule, generator=gen(7), use_cache=False,
+                 progress=False)
+    assert a.shape == (3, 8, *grid)
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert all(layer.attention.k_cache is None for layer in model.layers)  # cache released
+
+
+def test_reproducible_and_seed_dependent():
+    model = make(parallel=4)
+    labels = torch.tensor([1, 2])
+    a = generate(model, labels, generator=gen(0), progress=False)
+    b = generate(model, labels, generator=gen(0), progress=False)
+    c = generate(model, labels, generator=gen(1), progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_linear_cfg_step0_unguided_then_guided(monkeypatch):
+    model = make(parallel=4)  # 4 AR steps
+    spy = Spy(model, monkeypatch)
+    b, s = 2, 3.0
+    generate(model, torch.tensor([0, 1]), cfg_scale=s, cfg_schedule="linear", generator=gen(0), progress=False)
+    S = model.config.num_steps
+    assert [(n, sc) for n, sc, _ in spy.calls] == [(2 * b, None)] + [(2 * b, 1 + (s - 1) * i / S) for i in range(1, S)]
+    # step 0: each branch is fed its own (unguided) sample; later: the guided sample goes to both branches
+    assert spy.calls[0][2].shape[0] == 2 * b and torch.equal(spy.fed[0], spy.calls[0][2])
+    for i in range(1, S - 1):
+        x = spy.calls[i][2]
+        assert x.shape[0] == b and torch.equal(spy.fed[i], torch.cat([x, x]))
+
+
+def test_cfg_off_skips_null_branch_and_constant_schedule(monkeypatch):
+    model = make()
+    spy = Spy(model, monkeypatch)
+    generate(model, torch.tensor([0, 1]), cfg_scale=1.0, cfg_schedule="constant", generator=gen(0), progress=False)
+    assert {(n, sc) for n, sc, _ in spy.calls} == {(2, None)}
+    spy.calls.clear()
+    generate(model, torch.tensor([0, 1]), cfg_scale=2.5, cfg_schedule="constant", generator=gen(0), progress=False)
+    assert {(n, sc) for n, sc, _ in spy.calls} == {(4, 2.5)}
+    assert cfg_scale_at(0, 16, 4.0, "linear") == 1.0 and cfg_scale_at(8, 16, 4.0, "linear") == 2.5
+
+
+def test_output_is_raster_order_of_sampled_patches(monkeypatch):
+    model = make(parallel=4)
+    spy = Spy(model, monkeypatch)
+    codes = generate(model, torch.tensor([2]), cfg_scale=1.0, generator=gen(3), progress=False)  # (1, k, h, w)
+    patch = torch.cat([out[:1] for _, _, out in spy.calls], dim=1)[0]  # (n, k) in patch order
+    k, h, w = codes.shape[1:]
+    for j, r in enumerate(T.patch_order(h, w, 4).tolist()):
+        assert torch.equal(codes[0, :, r // w, r % w], patch[j])
+
+
+def test_save_load_round_trip_same_samples(tmp_path):
+    model = make(parallel=4)
+    model.save_pretrained(tmp_path / "gen")
+    loaded = BitDance.from_pretrained(tmp_path / "gen")
+    assert loaded.config == model.config
+    labels = torch.tensor([0, 4])
+    a = generate(model, labels, generator=gen(5), progress=False)
+    b = generate(loaded, labels, generator=gen(5), progress=False)
+    assert torch.equal(a, b)
+
+
+def test_model_defaults_and_user_errors():
+    model = make(cfg_scale=1.0, cfg_schedule="constant", num_sampling_steps=2)
+    out = generate(model, [0, 1, 2], generator=gen(0), progress=False)  # a plain list works too
+    assert out.shape == (3, 8, 4, 4)
+    with pytest.raises(UserError):
+        generate(model, torch.tensor([5]), progress=False)  # 5 is the null class, not a valid label
+    with pytest.raises(UserError):
+        generate(model, torch.tensor([0]), cfg_scale=0.5, progress=False)
+    with pytest.raises(UserError):
+        generate(model, torch.tensor([0]), cfg_schedule="cosine", progress=False)
+    model.train()
+    generate(model, [0], generator=gen(0), progress=False)
+    assert model.training  # training mode restored after sampling
