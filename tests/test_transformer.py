@@ -4,35 +4,20 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from bitdance.models import transformer as T
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance, BitDanceConfig
 from bitdance.utils import UserError
 
 
-class StubHead(nn.Module):
-    """Stand-in with the head interface (used until the real heads land)."""
-
-    def __init__(self, config: BitDanceConfig):
-        super().__init__()
-        self.net = nn.Linear(config.dim, config.token_bits)
-
-    def loss(self, cond, target):
-        return ((self.net(cond) - target) ** 2).mean()
-
-    def sample(self, cond, num_steps, cfg_scale, generator):
-        logits = self.net(cond)
-        if cfg_scale is not None:
-            c, u = logits.chunk(2)
-            logits = u + cfg_scale * (c - u)
-        noise = torch.randn(logits.shape, generator=generator)
-        return torch.where(logits + noise > 0, 1.0, -1.0)
-
-
-@pytest.fixture(autouse=True)
-def stub_head(monkeypatch):
-    monkeypatch.setattr(T, "build_head", StubHead)
+def randomize_head(model, seed=0):
+    """The official head init zeroes its output layers, so a fresh head ignores its condition; randomise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -174,13 +159,15 @@ def test_conditions_depend_only_on_earlier_patches(parallel):
 # -- training forward -------------------------------------------------------------------------
 
 
-def test_training_forward_backward_and_clean_targets(monkeypatch):
-    model = make(parallel=4, perturb_rate=1.0, class_dropout=0.5).train()
+@pytest.mark.parametrize("head", ["diffusion", "bitwise"])
+def test_training_forward_backward_and_clean_targets(monkeypatch, head):
+    model = randomize_head(make(parallel=4, perturb_rate=1.0, class_dropout=0.5, head=head)).train()
     seen = {}
+    loss_fn = model.head.loss
 
-    def spy(cond, target):
+    def spy(cond, target, generator=None):
         seen["cond"], seen["target"] = cond, target
-        return StubHead.loss(model.head, cond, target)
+        return loss_fn(cond, target, generator=generator)
 
     monkeypatch.setattr(model.head, "loss", spy)
     tokens = rand_tokens(2, model.config)
@@ -205,19 +192,24 @@ def test_perturb_rate_and_label_dropout_only_in_training():
     assert model.eval().drop_labels(labels, g).tolist() == [0, 1, 2]
     assert model.drop_labels(labels, force_drop=torch.tensor([0, 1, 0])).tolist() == [0, 5, 2]
     tokens = rand_tokens(2, model.config)
-    with torch.no_grad():  # eval: no corruption, so the loss ignores the generator
+    with torch.no_grad():  # eval: no corruption, so the conditions ignore the generator state
+        model.train()
+        c_train = model.head_conditions(tokens, labels[:2])
+        model.eval()
+        assert torch.equal(c_train, model.head_conditions(tokens, labels[:2]))
         l1 = model(tokens, labels[:2], generator=torch.Generator().manual_seed(1))
-        l2 = model(tokens, labels[:2], generator=torch.Generator().manual_seed(2))
-    assert l1 == l2
+        l2 = model(tokens, labels[:2], generator=torch.Generator().manual_seed(1))
+    assert l1 == l2  # and the whole loss is reproducible through the generator
 
 
 def test_grad_checkpointing_matches():
     torch.manual_seed(0)
-    a = make(parallel=4, perturb_rate=0.0, class_dropout=0.0).train()
-    b = make(parallel=4, perturb_rate=0.0, class_dropout=0.0, grad_checkpointing=True).train()
+    a = randomize_head(make(parallel=4)).train()
+    b = make(parallel=4, grad_checkpointing=True).train()
     b.load_state_dict(a.state_dict())
     tokens, labels = rand_tokens(2, a.config), torch.tensor([0, 3])
-    la, lb = a(tokens, labels), b(tokens, labels)
+    la = a(tokens, labels, generator=torch.Generator().manual_seed(3))
+    lb = b(tokens, labels, generator=torch.Generator().manual_seed(3))
     la.backward()
     lb.backward()
     assert torch.allclose(la, lb)
@@ -254,6 +246,37 @@ def official_backbone_shapes(dim, n_layers, num_classes, C, k, n, P):
     return s
 
 
+def official_head_shapes(D, depth, n_adaln, d, k, P):
+    """`head.net.*` of the official DiffHead (ref §4.1, §6.2): MlpEncoder for 1x, TransEncoder for P > 1."""
+    h = 3 * D // 2
+    s = {"head.net.time_embed.mlp.0.weight": (D, 256), "head.net.time_embed.mlp.0.bias": (D,),
+         "head.net.time_embed.mlp.2.weight": (D, D), "head.net.time_embed.mlp.2.bias": (D,),
+         "head.net.cond_embed.weight": (D, d), "head.net.cond_embed.bias": (D,),
+         "head.net.input_proj.weight": (D, k), "head.net.input_proj.bias": (D,),
+         "head.net.final_layer.ada_ln_modulation.weight": (2 * D, D),
+         "head.net.final_layer.ada_ln_modulation.bias": (2 * D,),
+         "head.net.final_layer.linear.weight": (k, D), "head.net.final_layer.linear.bias": (k,)}
+    n_mod = 3 if P == 1 else 6
+    for a in range(n_adaln):
+        s |= {f"head.net.ada_ln_blocks.{a}.weight": (n_mod * D, D), f"head.net.ada_ln_blocks.{a}.bias": (n_mod * D,)}
+    for j in range(depth):
+        r = f"head.net.res_blocks.{j}."
+        s |= {r + "w1.weight": (2 * h, D), r + "w1.bias": (2 * h,), r + "w2.weight": (D, h), r + "w2.bias": (D,)}
+        if P == 1:
+            s |= {r + "norm.weight": (D,), r + "norm.bias": (D,)}
+        else:
+            s |= {r + "norm1.weight": (D,), r + "norm1.bias": (D,), r + "norm2.weight": (D,), r + "norm2.bias": (D,),
+                  r + "attn.wqkv.weight": (3 * D, D), r + "attn.wqkv.bias": (3 * D,),
+                  r + "attn.wo.weight": (D, D), r + "attn.wo.bias": (D,)}
+    return s
+
+
+def official_shapes(c):
+    return official_backbone_shapes(c.dim, c.n_layers, c.num_classes, c.class_tokens, c.token_bits, c.num_tokens,
+                                    c.parallel) | official_head_shapes(c.head_width, c.head_depth, c.head_adaln,
+                                                                       c.dim, c.token_bits, c.parallel)
+
+
 def backbone_shapes(model):
     return {n: tuple(t.shape) for n, t in model.state_dict().items() if not n.startswith("head.")}
 
@@ -265,6 +288,7 @@ def test_official_names_and_shapes_on_meta(name, parallel):
     c = model.config
     expected = official_backbone_shapes(c.dim, c.n_layers, 1000, 64, 32, 256, parallel)
     assert backbone_shapes(model) == expected
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == official_shapes(c)
     # non-persistent buffers stay out of the state dict
     assert not any(k in model.state_dict() for k in ("rope_cos", "rope_sin", "attn_mask", "perm"))
 
@@ -282,17 +306,24 @@ def test_backbone_parameter_counts(name, millions):
     assert sum(p.numel() for k, p in b4.named_parameters() if not k.startswith("head.")) == n + 3 * b4.config.dim
 
 
+@pytest.mark.parametrize("name,parallel,total", [("B", 1, 242_373_152), ("B", 4, 260.1), ("B", 16, 260.1),
+                                                  ("L", 1, 527.3), ("H", 1, 1008.0)])
+def test_total_parameter_counts(name, parallel, total):
+    with torch.device("meta"):
+        model = BitDance(BITDANCE_PRESETS[name](parallel=parallel))
+    n = sum(p.numel() for p in model.parameters())
+    assert n == total if isinstance(total, int) else round(n / 1e6, 1) == total  # ref §3.1 (VAE excluded)
+
+
 @pytest.mark.parametrize("parallel", [1, 4])
-def test_random_official_backbone_state_dict_loads_strict(parallel):
+def test_random_official_state_dict_loads_strict(parallel):
     model = make(parallel=parallel)
     c = model.config
     g = torch.Generator().manual_seed(1)
-    sd = {k: torch.randn(s, generator=g) for k, s in
-          official_backbone_shapes(c.dim, c.n_layers, c.num_classes, c.class_tokens, c.token_bits,
-                                   c.num_tokens, parallel).items()}
-    sd |= {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items() if k.startswith("head.")}
+    sd = {k: torch.randn(s, generator=g) for k, s in official_shapes(c).items()}
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model.cls_embedding.weight, sd["cls_embedding.weight"])
+    assert torch.equal(model.head.net.final_layer.linear.weight, sd["head.net.final_layer.linear.weight"])
 
 
 def test_init_and_class_token_split():

@@ -372,7 +372,7 @@ class BitDance(nn.Module, PretrainedMixin):
         b = tokens.shape[0]
         cond = cond.reshape(b * c.num_steps, c.parallel, c.dim)  # (b*s, p, d)
         target = target.reshape(b * c.num_steps, c.parallel, c.token_bits)  # (b*s, p, k)
-        return self.head.loss(cond, target)
+        return self.head.loss(cond, target, generator=generator)
 
     def head_conditions(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced head conditions (b, s, p, d) in patch order, without label dropout or bit flips."""
