@@ -60,7 +60,9 @@ class RectifiedFlow:
     def __init__(self, config: FlowConfig | None = None):
         self.config = config or FlowConfig()
         if self.config.time_schedule not in TIME_SCHEDULES:
-            raise UserError(f"unknown time_schedule {self.config.time_schedule!r}; choose one of {TIME_SCHEDULES}")
+            raise UserError(
+                f"unknown time_schedule {self.config.time_schedule!r}; choose one of {TIME_SCHEDULES}"
+            )
         if self.config.time_shift <= 0:
             raise UserError(f"time_shift must be > 0, got {self.config.time_shift}")
         self.timesteps: torch.Tensor | None = None  # set by set_timesteps: (N + 1,) evaluation times
@@ -121,7 +123,9 @@ class RectifiedFlow:
     # Sampling
     # ------------------------------------------------------------------------------------------
 
-    def timestep_grid(self, num_steps: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def timestep_grid(
+        self, num_steps: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps (N + 1,), step_sizes (N + 1,)) in fp32, the official grid.
 
         Steps 0..N-1 are stochastic: dt_i from linspace(0, 0.95, N + 1) (after the shift), and t_i is the
@@ -216,7 +220,8 @@ class RectifiedFlow:
         ts, dts = self.timestep_grid(num_steps, dev)
         with fp32_island(torch.device(dev).type):
             if noise is None:
-                x = torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32)  # (b, ..., k)
+                x = torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32)
+                # x: (b, ..., k)
             else:
                 x = noise.float().clone()
             rows = x.shape[0] * (1 if cfg_scale is None else 2)
@@ -227,7 +232,10 @@ class RectifiedFlow:
                 xin = x if cfg_scale is None else torch.cat([x, x], dim=0)  # (rows, ..., k)
                 v = self.guide(self.velocity(net_fn(xin, t_batch).float(), xin, t_batch), cfg_scale)
                 x = self._update(x, v, t, dt, i == num_steps, generator)
-        if binarize:
-            return torch.where(x > 0, 1.0, -1.0).to(torch.float32)
-        return x
+        return to_bits(x) if binarize else x
+
+
+def to_bits(x: torch.Tensor) -> torch.Tensor:
+    """x > 0 -> +1, else -1 (fp32). Unlike torch.sign, an exact 0 becomes -1, so bits are always valid."""
+    return torch.where(x > 0, 1.0, -1.0).to(torch.float32)
 

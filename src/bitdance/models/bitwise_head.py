@@ -19,7 +19,7 @@ from bitdance.utils import fp32_island
 
 
 class BitwiseHead(nn.Module):
-    """loss(cond (b, p, d), target (b, p, k)) -> scalar; sample(cond (m, p, d), ...) -> (b, p, k) in {-1, +1}."""
+    """loss(cond (b, p, d), target (b, p, k)) -> scalar; sample(cond (m, p, d), ...) -> (b, p, k) ±1."""
 
     def __init__(self, config: HeadConfig):
         super().__init__()
@@ -42,7 +42,8 @@ class BitwiseHead(nn.Module):
         if cond.ndim != 3 or cond.shape[-1] != self.config.cond_dim:
             raise ValueError(f"cond must be (b, p, {self.config.cond_dim}), got {tuple(cond.shape)}")
         if target is not None and target.shape != (*cond.shape[:2], self.config.token_bits):
-            raise ValueError(f"target must be {(*cond.shape[:2], self.config.token_bits)}, got {tuple(target.shape)}")
+            want = (*cond.shape[:2], self.config.token_bits)
+            raise ValueError(f"target must be {want}, got {tuple(target.shape)}")
 
     def loss(
         self,
@@ -56,7 +57,8 @@ class BitwiseHead(nn.Module):
         with fp32_island(cond.device.type):
             logits = self.logits(cond.float())  # (b, p, k, 2)
             labels = (target > 0).long()  # (b, p, k): +1 -> class 1
-            ce = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none").view(labels.shape)
+            ce = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), reduction="none")
+            ce = ce.view(labels.shape)  # (b, p, k)
             if reduction == "mean":
                 return ce.mean()
             if reduction == "none":

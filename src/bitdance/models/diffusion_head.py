@@ -101,7 +101,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """x + gate * SwiGLU(LN(x) (1 + scale) + shift); SwiGLU = w2(silu(a) * b), [a | b] = w1(h), hidden 1.5 D."""
+    """x + gate * SwiGLU(LN(x) (1 + scale) + shift); SwiGLU(h) = w2(silu(a) * b), [a | b] = w1(h)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -129,14 +129,15 @@ class PatchAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, p, d = x.shape
         q, k, v = self.wqkv(x).chunk(3, dim=-1)  # (b, p, D) each, in q, k, v order
-        q, k, v = (u.view(b, p, self.n_head, self.head_dim).transpose(1, 2) for u in (q, k, v))  # (b, h, p, hd)
+        q, k, v = (u.view(b, p, self.n_head, self.head_dim).transpose(1, 2) for u in (q, k, v))
+        # q, k, v: (b, h, p, hd)
         # SDPA's default scale 1/sqrt(hd) is what the official softmax(q k^T / sqrt(hd)) uses.
         o = F.scaled_dot_product_attention(q, k, v)  # (b, h, p, hd)
         return self.wo(o.transpose(1, 2).reshape(b, p, d))  # (b, p, D)
 
 
 class TransBlock(nn.Module):
-    """Pre-norm adaLN attention + SwiGLU; six modulation vectors (scale1, shift1, gate1, scale2, shift2, gate2)."""
+    """adaLN attention + adaLN SwiGLU; modulation (scale1, shift1, gate1, scale2, shift2, gate2)."""
 
     def __init__(self, width: int, head_dim: int):
         super().__init__()
@@ -254,7 +255,8 @@ class DiffusionHead(nn.Module):
         validate_head_config(config)
         self.config = config
         self.net = MlpEncoder(config) if config.parallel == 1 else TransEncoder(config)
-        self.flow = RectifiedFlow(FlowConfig(P_mean=config.P_mean, P_std=config.P_std, time_shift=config.time_shift))
+        flow_cfg = FlowConfig(P_mean=config.P_mean, P_std=config.P_std, time_shift=config.time_shift)
+        self.flow = RectifiedFlow(flow_cfg)
 
     def initialize_weights(self) -> None:
         self.net.initialize_weights()
@@ -280,9 +282,10 @@ class DiffusionHead(nn.Module):
         if cond.ndim != 3 or cond.shape[-1] != self.config.cond_dim:
             raise ValueError(f"cond must be (b, p, {self.config.cond_dim}), got {tuple(cond.shape)}")
         if self.config.parallel > 1 and cond.shape[1] != self.config.parallel:
-            raise ValueError(f"this head works on patches of {self.config.parallel} tokens, got p={cond.shape[1]}")
+            raise ValueError(f"this head takes patches of {self.config.parallel} tokens, got {cond.shape[1]}")
         if target is not None and target.shape != (*cond.shape[:2], self.config.token_bits):
-            raise ValueError(f"target must be {(*cond.shape[:2], self.config.token_bits)}, got {tuple(target.shape)}")
+            want = (*cond.shape[:2], self.config.token_bits)
+            raise ValueError(f"target must be {want}, got {tuple(target.shape)}")
 
     def loss(
         self,
@@ -320,7 +323,7 @@ class DiffusionHead(nn.Module):
         generator: torch.Generator | None = None,
         binarize: bool = True,
     ) -> torch.Tensor:
-        """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: cond is [cond; uncond] (2b)."""
+        """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: [cond; uncond] (2b rows)."""
         self._check(cond)
         m, p, _ = cond.shape
         if cfg_scale is not None and m % 2:
