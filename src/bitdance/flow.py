@@ -68,6 +68,7 @@ class RectifiedFlow:
         self.timesteps: torch.Tensor | None = None  # set by set_timesteps: (N + 1,) evaluation times
         self.step_sizes: torch.Tensor | None = None  # (N + 1,) dt of each step (the last one is 0.05)
         self.num_inference_steps: int | None = None
+        self._grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # N -> CPU grid
 
     # ------------------------------------------------------------------------------------------
     # Training
@@ -133,22 +134,26 @@ class RectifiedFlow:
         deterministic Euler step at t = 0.95 with dt = 0.05. With time_shift != 1 the official code still
         evaluates that final step at t = 1 - 0.05 with dt = 0.05 although the shifted grid ends elsewhere;
         we keep the quirk so official checkpoints sample identically (released models use shift 1).
+        Built once per N on the CPU (a few hundred scalar ops; fp32 arithmetic is the same on any device).
         """
         if int(num_steps) != num_steps or num_steps < 1:
             raise UserError(f"the number of head sampling steps must be a positive integer, got {num_steps}")
         num_steps = int(num_steps)
-        last = self.config.last_step_size
-        grid = torch.linspace(0.0, 1.0 - last, num_steps + 1, dtype=torch.float32, device=device)
-        grid = time_shift_sana(grid, self.config.time_shift)
-        dts = grid[1:] - grid[:-1]  # (N,)
-        ts = torch.empty(num_steps + 1, dtype=torch.float32, device=device)
-        t = torch.zeros((), dtype=torch.float32, device=device)
-        for i in range(num_steps):
-            ts[i] = t
-            t += dts[i]  # fp32 accumulation, exactly as the official loop
-        ts[num_steps] = 1.0 - last
-        sizes = torch.cat([dts, torch.full((1,), last, dtype=torch.float32, device=device)])
-        return ts, sizes
+        if num_steps not in self._grids:
+            last = self.config.last_step_size
+            grid = torch.linspace(0.0, 1.0 - last, num_steps + 1, dtype=torch.float32)
+            grid = time_shift_sana(grid, self.config.time_shift)
+            dts = grid[1:] - grid[:-1]  # (N,)
+            ts = torch.empty(num_steps + 1, dtype=torch.float32)
+            t = torch.zeros((), dtype=torch.float32)
+            for i in range(num_steps):
+                ts[i] = t
+                t += dts[i]  # fp32 accumulation, exactly as the official loop
+            ts[num_steps] = 1.0 - last
+            sizes = torch.cat([dts, torch.full((1,), last, dtype=torch.float32)])
+            self._grids[num_steps] = (ts, sizes)
+        ts, sizes = self._grids[num_steps]
+        return ts.to(device, copy=True), sizes.to(device, copy=True)  # callers may not touch the cache
 
     def set_timesteps(self, num_steps: int, device: torch.device | str = "cpu") -> None:
         """Diffusers-style: fill `timesteps` and `step_sizes` for `num_steps` stochastic steps (+1 final)."""
@@ -217,7 +222,7 @@ class RectifiedFlow:
             dev = torch.device(device) if device is not None else (generator.device if generator else "cpu")
         else:
             dev = noise.device
-        ts, dts = self.timestep_grid(num_steps, dev)
+        ts, dts = self.timestep_grid(num_steps)  # CPU 0-dim scalars mix with tensors on any device
         with fp32_island(torch.device(dev).type):
             if noise is None:
                 x = torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32)
@@ -228,7 +233,7 @@ class RectifiedFlow:
             t_batch = torch.empty(rows, dtype=torch.float32, device=dev)  # (rows,)
             for i in range(num_steps + 1):
                 t, dt = ts[i], dts[i]
-                t_batch.fill_(t)
+                t_batch.fill_(float(t))  # exact: an fp32 value round-trips through a Python float
                 xin = x if cfg_scale is None else torch.cat([x, x], dim=0)  # (rows, ..., k)
                 v = self.guide(self.velocity(net_fn(xin, t_batch).float(), xin, t_batch), cfg_scale)
                 x = self._update(x, v, t, dt, i == num_steps, generator)
