@@ -61,7 +61,7 @@ def test_bit_usage_and_group_perplexity():
     assert u["ones_fraction"] == pytest.approx(1 / 8) and u["per_bit"][0] == 1.0 and u["per_bit"][1] == 0.0
     assert pack_groups(codes, 2)[0].tolist() == [1, 0]  # little endian within each group of 4 bits
 
-    stats = CodeStats(num_groups=2)
+    stats = CodeStats(group_size=4)
     stats.update(codes)
     out = stats.compute()
     assert out["perplexity_per_group"] == [1.0, 1.0] and out["bits_per_group"] == 4
@@ -70,15 +70,19 @@ def test_bit_usage_and_group_perplexity():
     idx = torch.arange(16)
     bits = ((idx[:, None] >> torch.arange(4)) & 1).float() * 2 - 1  # (16, 4)
     uniform = bits.T.reshape(1, 4, 4, 4)
-    stats = CodeStats(num_groups=1)
+    stats = CodeStats(group_size=4)
     stats.update(uniform)
     assert stats.compute()["perplexity_per_group"][0] == pytest.approx(16.0)
     assert stats.compute()["bit_usage"] == pytest.approx(0.5)
+    # the same tokens given as indices (what a VQ tokenizer yields) give the same statistics
+    from_indices = CodeStats(group_size=4)
+    from_indices.update_indices(idx.view(1, 1, 4, 4))
+    assert from_indices.compute() == stats.compute()
 
 
 def test_reconstruction_meter_averages_per_image():
     x = _images()
-    meter = ReconstructionMeter(num_groups=1)
+    meter = ReconstructionMeter(group_size=4)
     meter.update(x[:2], x[:2] + 0.2)
     meter.update(x[2:], x[2:] + 0.02)
     out = meter.compute()

@@ -469,11 +469,24 @@ def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _encode_bits(tokenizer, images: torch.Tensor) -> torch.Tensor:
+    """+-1 bits of each token: the codes of a binary tokenizer, the index bits of a VQ one."""
+    config = getattr(tokenizer, "config", None)
+    if getattr(config, "quantizer", "binary") == "vq":
+        from bitdance.models.quantizer import indices_to_bits
+
+        return indices_to_bits(tokenizer.encode_indices(images), config.group_size)  # (b, k, h, w)
+    return tokenizer.encode(images)
+
+
 @torch.no_grad()
 def encode_dataset(tokenizer, dataset: ImageDataset, batch_size: int, device, cache_path,
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every image once -> (codes int8 (N, k, h, w) of +-1, labels int64 (N,)), cached in a safetensors
-    file keyed by tokenizer + dataset fingerprints; a cache made by another tokenizer or data set is rebuilt."""
+    file keyed by tokenizer + dataset fingerprints; a cache made by another tokenizer or data set is rebuilt.
+
+    For a VQ tokenizer the codes are the bits of its group indices (`tokenizer.decode_indices(
+    bits_to_indices(codes, group_size))` decodes them)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -497,7 +510,7 @@ def encode_dataset(tokenizer, dataset: ImageDataset, batch_size: int, device, ca
     starts = range(0, len(dataset), batch_size)
     for s in tqdm(starts, desc="encoding", unit="batch", disable=not progress):
         images, y = dataset.get_batch(torch.arange(s, min(s + batch_size, len(dataset))))
-        c = tokenizer.encode(images.to(device))  # (b, k, h, w) of +-1
+        c = _encode_bits(tokenizer, images.to(device))  # (b, k, h, w) of +-1
         codes.append(c.to(torch.int8).cpu())
         labels.append(y)
     tokenizer.train(was_training)

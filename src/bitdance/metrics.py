@@ -89,52 +89,84 @@ def bit_usage(codes: torch.Tensor) -> dict:
 
 
 class CodeStats:
-    """Accumulates bit usage and per-group code perplexity over batches of codes."""
+    """Accumulates bit usage and per-group code perplexity over batches.
 
-    def __init__(self, num_groups: int = 1):
-        self.num_groups = num_groups
+    Feed either +-1 codes (b, k, h, w) (`update`) or group indices (b, G, h, w) (`update_indices`, which is
+    what a VQ tokenizer produces; its bits are the little-endian bits of each index).
+    """
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
         self.ones, self.total = None, 0
         self.indices: list[torch.Tensor] = []
 
     def update(self, codes: torch.Tensor) -> None:
-        codes = codes.detach().cpu()
-        b, k, h, w = codes.shape
-        ones = (codes > 0).long().transpose(0, 1).flatten(1).sum(1)  # (k,)
+        k = codes.shape[1]
+        self.update_indices(pack_groups(codes.detach().cpu(), k // self.group_size).view(
+            codes.shape[0], *codes.shape[2:], -1).permute(0, 3, 1, 2))
+
+    def update_indices(self, indices: torch.Tensor) -> None:
+        idx = indices.detach().cpu().long().movedim(1, -1).reshape(-1, indices.shape[1])  # (n, G)
+        bits = (idx[..., None] >> torch.arange(self.group_size)) & 1  # (n, G, g)
+        ones = bits.flatten(1).sum(0)  # (k,)
         self.ones = ones if self.ones is None else self.ones + ones
-        self.total += b * h * w
-        self.indices.append(pack_groups(codes, self.num_groups))
+        self.total += idx.shape[0]
+        self.indices.append(idx)
 
     def compute(self) -> dict:
         if self.ones is None:
             return {}
         per_bit = self.ones.double() / self.total  # (k,)
-        idx = torch.cat(self.indices)  # (n, groups)
-        bits_per_group = per_bit.numel() // self.num_groups
+        idx = torch.cat(self.indices)  # (n, G)
         return {
             "bit_usage": float(per_bit.mean()),
             "bit_usage_per_bit": [round(v, 5) for v in per_bit.tolist()],
-            "bits_per_group": bits_per_group,
-            "perplexity_per_group": [round(perplexity(idx[:, j]), 3) for j in range(self.num_groups)],
-            "codebook_size_per_group": 2**bits_per_group,
+            "bits_per_group": self.group_size,
+            "perplexity_per_group": [round(perplexity(idx[:, j]), 3) for j in range(idx.shape[1])],
+            "codebook_size_per_group": 2**self.group_size,
         }
 
 
 class ReconstructionMeter:
     """Running PSNR/SSIM means plus code statistics, for evaluation loops."""
 
-    def __init__(self, num_groups: int = 1):
+    def __init__(self, group_size: int = 8):
         self.psnr_sum = self.ssim_sum = 0.0
         self.count = 0
-        self.codes = CodeStats(num_groups)
+        self.codes = CodeStats(group_size)
 
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None):
+    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, indices: torch.Tensor | None = None):
         self.psnr_sum += float(psnr(reconstructions, images).sum())
         self.ssim_sum += float(ssim(reconstructions, images).sum())
         self.count += images.shape[0]
-        if codes is not None:
-            self.codes.update(codes)
+        if indices is not None:
+            self.codes.update_indices(indices)
 
     def compute(self) -> dict:
         n = max(self.count, 1)
         return {"psnr": self.psnr_sum / n, "ssim": self.ssim_sum / n, "num_images": self.count,
                 **self.codes.compute()}
+
+
+@torch.no_grad()
+def evaluate_tokenizer(tokenizer, dataset, num_images: int | None = None, batch_size: int = 64,
+                       device=None, progress: bool = False) -> dict:
+    """PSNR / SSIM / bit usage / per-group perplexity of `tokenizer` on evenly spaced images of `dataset`."""
+    from tqdm import tqdm
+
+    from bitdance.data import eval_indices
+
+    device = torch.device(device) if device is not None else next(tokenizer.parameters()).device
+    was_training = tokenizer.training
+    tokenizer.eval()
+    meter = ReconstructionMeter(group_size=tokenizer.config.group_size)
+    chunks = eval_indices(len(dataset), num_images).split(batch_size)
+    for idx in tqdm(chunks, desc="evaluating", unit="batch", disable=not progress):
+        images, _ = dataset.get_batch(idx)
+        out = tokenizer(images.to(device))
+        meter.update(images.to(device), out.reconstruction.float(), out.quant.indices)
+    tokenizer.train(was_training)
+    result = meter.compute()
+    result["quantizer"] = tokenizer.config.quantizer
+    result["bits_per_token"] = tokenizer.config.z_channels
+    return result

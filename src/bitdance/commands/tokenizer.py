@@ -1,0 +1,186 @@
+"""`bitdance tokenizer ...`: train, evaluate and try out image tokenizers.
+
+    bitdance tokenizer train --data PATH --preset NAME --steps N --out DIR [--quantizer binary|vq] ...
+    bitdance tokenizer eval --model DIR --data PATH [--split test] [--num-images N] --json
+    bitdance tokenizer reconstruct --model DIR IMAGE... --out DIR
+
+Progress bars and logs go to stderr; stdout carries the result (one JSON object with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from bitdance.utils import UserError
+
+
+def default_tokenizer_path() -> Path | None:
+    """The built-in tokenizer folder used when --model is left out (none ships yet)."""
+    return None
+
+
+def register(subparsers) -> None:
+    from bitdance.models.autoencoder import TOKENIZER_PRESETS
+    from bitdance.train_tokenizer import TokenizerTrainConfig
+
+    d = TokenizerTrainConfig()
+    p = subparsers.add_parser("tokenizer", help="train, evaluate and try image tokenizers (binary or VQ)")
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    t = sub.add_parser("train", help="train a tokenizer (L1 + entropy + commitment [+ LPIPS] [+ GAN])",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = t.add_argument_group("data and model")
+    g.add_argument("--data", required=True, help="image folder (class subfolders or flat) or a folder with the "
+                   "Fashion-MNIST IDX .gz files; unreadable images are reported and skipped")
+    g.add_argument("--preset", default=d.preset, choices=sorted(TOKENIZER_PRESETS), help="tokenizer architecture")
+    g.add_argument("--quantizer", default=None, choices=("binary", "vq"),
+                   help="bottleneck: binary sign bits or a product VQ with the same bits per token "
+                   "(default: the preset's, binary)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="bits per entropy group / VQ sub-codebook (default: the preset's, 8)")
+    g.add_argument("--out", required=True, help="run folder (checkpoint, logs, grids; final model in OUT/model)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over DDP ranks)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay (warmed up from 0.1)")
+    g.add_argument("--no-ema-export", dest="export_ema", action="store_false",
+                   help="export the raw weights instead of the EMA")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and data order")
+    g = t.add_argument_group("losses")
+    g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="binary entropy loss weight")
+    g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
+    g.add_argument("--lpips-weight", type=float, default=d.lpips_weight, help="LPIPS weight (needs --lpips-weights)")
+    g.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG16 weights file (never downloaded)")
+    g.add_argument("--disc-weight", type=float, default=d.disc_weight, help="GAN generator loss weight (0: no GAN)")
+    g.add_argument("--disc-start", type=int, default=d.disc_start, help="step at which the GAN starts")
+    g.add_argument("--disc-lr", type=float, default=None, help="discriminator lr (default: --lr)")
+    g.add_argument("--disc-norm", default=d.disc_norm, choices=("group", "batch"), help="discriminator norm")
+    g.add_argument("--lecam-weight", type=float, default=d.lecam_weight, help="LeCAM regulariser weight")
+    g.add_argument("--gen-loss", default=d.gen_loss, choices=("non_saturating", "hinge"),
+                   help="generator adversarial loss")
+    g = t.add_argument_group("run")
+    g.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
+                   help="autocast dtype (bf16 is for GPUs: about 100x slower on CPUs without AMX)")
+    g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
+    g.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between reconstruction grids")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="steps between test-split PSNR evaluations (0: only at the end)")
+    g.add_argument("--eval-split", default=d.eval_split, help="split used for evaluation")
+    g.add_argument("--eval-images", type=int, default=d.eval_images, help="images per evaluation (0: none)")
+    g.add_argument("--resume", default=None, help="checkpoint file or run folder to resume from "
+                   "(OUT/checkpoint.pt is resumed automatically)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    t.set_defaults(func=run_train)
+
+    e = sub.add_parser("eval", help="PSNR, SSIM, bit usage and code perplexity on a data split")
+    e.add_argument("--model", default=None, help="tokenizer folder (save_pretrained output, e.g. RUN/model)")
+    e.add_argument("--data", required=True, help="image folder or Fashion-MNIST IDX folder")
+    e.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    e.add_argument("--num-images", type=int, default=None, help="evenly spaced images to use (default: all)")
+    e.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: 100)")
+    e.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.set_defaults(func=run_eval)
+
+    r = sub.add_parser("reconstruct", help="encode and decode images; write original | reconstruction PNGs")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    r.add_argument("--model", default=None, help="tokenizer folder (save_pretrained output, e.g. RUN/model)")
+    r.add_argument("--out", required=True, help="output folder for <name>_recon.png files")
+    r.add_argument("--scale", type=int, default=None, help="upscale factor of the PNGs (default: to ~128 px)")
+    r.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    r.set_defaults(func=run_reconstruct)
+
+
+# ----------------------------------------------------------------------------------------------
+# Handlers
+# ----------------------------------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    from dataclasses import fields
+
+    from bitdance.train_tokenizer import TokenizerTrainConfig, run
+
+    names = {f.name for f in fields(TokenizerTrainConfig)}
+    cfg = TokenizerTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    path = run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
+        print(path)
+    return 0
+
+
+def _load_model(model: str | None, device):
+    from bitdance.models.autoencoder import ImageTokenizer
+    from bitdance.utils import resolve_device
+
+    path = model or default_tokenizer_path()
+    if path is None:
+        raise UserError("--model is required (no built-in tokenizer is installed)")
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"tokenizer folder not found: {path}")
+    if path.is_dir() and (path / "model").is_dir() and not (path / "model.safetensors").is_file():
+        path = path / "model"  # a run folder was given
+    dev = resolve_device(device)
+    return ImageTokenizer.from_pretrained(path, device=dev), dev, path
+
+
+def run_eval(args) -> int:
+    from bitdance.data import load_dataset
+    from bitdance.metrics import evaluate_tokenizer
+
+    if args.num_images is not None and args.num_images < 1:
+        raise UserError("--num-images must be at least 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    tok, dev, path = _load_model(args.model, args.device)
+    data = load_dataset(args.data, tok.config.resolution, tok.config.in_channels, split=args.split)
+    res = evaluate_tokenizer(tok, data, args.num_images, args.batch_size, dev, progress=not args.json)
+    res = {"model": str(path), "data": str(args.data), "split": args.split, **res,
+           "skipped_images": data.skipped}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"tokenizer  {path} ({res['quantizer']}, {res['bits_per_token']} bits/token)")
+        print(f"data       {args.data} [{args.split}], {res['num_images']} images")
+        print(f"PSNR       {res['psnr']:.2f} dB")
+        print(f"SSIM       {res['ssim']:.4f}")
+        print(f"bit usage  {res['bit_usage']:.3f} (fraction of +1 bits)")
+        print(f"perplexity {', '.join(f'{p:.1f}' for p in res['perplexity_per_group'])} "
+              f"(per group of {res['bits_per_group']} bits, max {res['codebook_size_per_group']})")
+    return 0
+
+
+def run_reconstruct(args) -> int:
+    import torch
+
+    from bitdance.data import load_image
+    from bitdance.utils import save_image_grid
+
+    tok, dev, _ = _load_model(args.model, args.device)
+    res, ch = tok.config.resolution, tok.config.in_channels
+    images = [load_image(p, res, ch) for p in args.images]  # fails on the first bad file, naming it
+    out = Path(args.out)
+    scale = args.scale or max(1, 128 // res)
+    seen: set[str] = set()
+    with torch.no_grad():
+        for i, (p, x) in enumerate(zip(args.images, images)):
+            rec = tok.decode(tok.encode(x[None].to(dev))).float().clamp(-1, 1).cpu()  # (1, c, H, W)
+            name = Path(p).stem if Path(p).stem not in seen else f"{Path(p).stem}_{i}"
+            seen.add(name)
+            dest = save_image_grid(torch.cat([x[None], rec]), out / f"{name}_recon.png", nrow=2, scale=scale)
+            print(dest)
+    return 0

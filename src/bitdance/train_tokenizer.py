@@ -1,0 +1,424 @@
+"""Tokenizer training: `run(TokenizerTrainConfig) -> Path` of the exported model folder.
+
+Loss = L1 reconstruction + entropy_weight * entropy + commit_weight * commitment (+ the VQ codebook loss)
+[+ lpips_weight * LPIPS] [+ disc_weight * generator loss from step disc_start], the WeTok recipe the
+reference traces the BitDance tokenizer to (ref §2.3). AdamW with warmup + cosine decay, gradient clipping,
+an EMA copy exported at the end, atomic resumable checkpoints, DDP under torchrun (rank 0 writes).
+
+Run folder:
+    config.json        the run's settings (train + tokenizer config, world size, data summary)
+    checkpoint.pt      model / ema / optimizer / disc / step / config (a plain dict; weights_only loadable)
+    losses.jsonl       one line per log interval (and eval results); loss_curve.png, psnr_curve.png
+    samples/           reconstruction grids (inputs above reconstructions); reconstructions.png = the last one
+    log.txt            the log
+    model/             final export: save_pretrained of the EMA weights
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bitdance.data import InfiniteBatches, eval_indices, load_dataset
+from bitdance.losses import (
+    LPIPS,
+    DiscriminatorConfig,
+    LeCam,
+    LPIPSConfig,
+    PatchDiscriminator,
+    generator_loss,
+    hinge_d_loss,
+)
+from bitdance.metrics import evaluate_tokenizer
+from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer, TokenizerConfig
+from bitdance.utils import (
+    UserError,
+    autocast,
+    barrier,
+    check_finite,
+    cleanup_distributed,
+    config_from_dict,
+    cosine_lr,
+    get_logger,
+    init_distributed,
+    load_checkpoint,
+    plot_curves,
+    resolve_dtype,
+    save_checkpoint,
+    save_image_grid,
+    update_ema,
+    write_json,
+)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data: str = ""  # image folder or Fashion-MNIST IDX folder
+    out: str = "runs/tokenizer"
+    preset: str = "fmnist"
+    quantizer: str | None = None  # override the preset's "binary" | "vq"
+    group_size: int | None = None  # override bits per entropy / VQ group
+    steps: int = 2000
+    batch_size: int = 64  # global; per rank = batch_size / world size
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    export_ema: bool = True
+    entropy_weight: float = 0.1
+    commit_weight: float = 0.25
+    lpips_weight: float = 0.0
+    lpips_weights: str | None = None  # local LPIPS-VGG16 file (see losses.LPIPS)
+    disc_weight: float = 0.0  # generator adversarial weight; 0 = no GAN
+    disc_start: int = 0
+    disc_lr: float | None = None  # None: same as lr
+    disc_norm: str = "group"
+    lecam_weight: float = 0.05
+    gen_loss: str = "non_saturating"  # "non_saturating" | "hinge"
+    dtype: str = "float32"
+    device: str | None = None
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 500
+    save_every: int = 500
+    eval_every: int = 0  # 0: only at the end when eval_images > 0
+    eval_split: str = "test"
+    eval_images: int = 1000
+    resume: str | None = None  # checkpoint file or run folder; the out folder's own checkpoint is auto-resumed
+    progress: bool = True
+
+
+def build_tokenizer_config(cfg: TokenizerTrainConfig) -> TokenizerConfig:
+    if cfg.preset not in TOKENIZER_PRESETS:
+        raise UserError(f"unknown tokenizer preset {cfg.preset!r}; choose one of {', '.join(TOKENIZER_PRESETS)}")
+    tok = TOKENIZER_PRESETS[cfg.preset]()
+    changes = {}
+    if cfg.quantizer is not None:
+        changes["quantizer"] = cfg.quantizer
+    if cfg.group_size is not None:
+        changes["group_size"] = cfg.group_size
+    return config_from_dict(TokenizerConfig, {**asdict(tok), **changes}) if changes else tok
+
+
+def _ema_decay(base: float, step: int) -> float:
+    # warm up the EMA so that short runs still export trained (not initial) weights
+    return min(base, (1.0 + step) / (10.0 + step))
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+def _find_resume(cfg: TokenizerTrainConfig, out: Path) -> Path | None:
+    if cfg.resume:
+        p = Path(cfg.resume)
+        p = p / CHECKPOINT_NAME if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"--resume: no checkpoint at {p}")
+        return p
+    own = out / CHECKPOINT_NAME
+    return own if own.is_file() else None
+
+
+class _JsonlLog:
+    """losses.jsonl on rank 0; on resume, lines from beyond the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.rows: list[dict] = []
+        if enabled and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if row.get("step", 0) <= start_step:
+                    self.rows.append(row)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self, out: Path) -> None:
+        if not self.enabled:
+            return
+        train = [r for r in self.rows if "loss" in r]
+        series = {k: [(r["step"], r[k]) for r in train if k in r] for k in ("loss", "l1")}
+        if train:
+            plot_curves(series, out / "loss_curve.png", title="tokenizer training loss")
+        evals = [(r["step"], r["eval_psnr"]) for r in self.rows if "eval_psnr" in r]
+        if evals:
+            plot_curves({"test PSNR (dB)": evals}, out / "psnr_curve.png", title="EMA reconstruction PSNR")
+
+
+def run(config: TokenizerTrainConfig) -> Path:
+    """Train a tokenizer; returns the exported model folder (`out/model`)."""
+    cfg = config
+    out = Path(cfg.out)
+    info = init_distributed(cfg.device)
+    try:
+        return _train(cfg, out, info)
+    finally:
+        cleanup_distributed(info)
+
+
+def _train(cfg: TokenizerTrainConfig, out: Path, info) -> Path:
+    logger = get_logger(out if info.is_main else None, is_main=info.is_main, name="bitdance.train_tokenizer")
+    # data warnings (unreadable files, by name) go to the run's log too
+    data_log = logging.getLogger("bitdance.data")
+    data_log.handlers = list(logger.handlers)
+    data_log.propagate = False
+    try:
+        return _train_loop(cfg, out, info, logger)
+    finally:
+        data_log.handlers = []
+        data_log.propagate = True
+        for h in logger.handlers:
+            h.close()
+
+
+def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
+    device, main = info.device, info.is_main
+    if not cfg.data:
+        raise UserError("no training data given (--data PATH)")
+    if cfg.batch_size % info.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the world size {info.world_size}")
+    if cfg.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if cfg.lpips_weight > 0 and not cfg.lpips_weights:
+        raise UserError("--lpips-weight > 0 needs --lpips-weights PATH (a local file; nothing is downloaded)")
+    resolve_dtype(cfg.dtype)
+    local_batch = cfg.batch_size // info.world_size
+    tok_cfg = build_tokenizer_config(cfg)
+
+    dataset = load_dataset(cfg.data, tok_cfg.resolution, tok_cfg.in_channels, split="train")
+    logger.info("data: %s, %d images at %dx%d, %d channel(s)%s", dataset.source, len(dataset), dataset.resolution,
+                dataset.resolution, dataset.channels, f", {dataset.skipped} skipped" if dataset.skipped else "")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = ImageTokenizer(tok_cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            weight_decay=cfg.weight_decay)
+    disc = disc_opt = lecam = None
+    if cfg.disc_weight > 0:
+        # 3 layers (WeTok) for >= 32 px; fewer for smaller images so that the patch map stays >= 1x1
+        n_layers = max(1, min(3, (tok_cfg.resolution // 4).bit_length() - 1))
+        disc = PatchDiscriminator(DiscriminatorConfig(in_channels=tok_cfg.out_channels, n_layers=n_layers,
+                                                      norm=cfg.disc_norm)).to(device)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                     weight_decay=cfg.weight_decay)
+        lecam = LeCam().to(device)
+    lpips = LPIPS(LPIPSConfig(cfg.lpips_weights)).to(device) if cfg.lpips_weight > 0 else None
+
+    step = 0
+    ckpt_path = _find_resume(cfg, out)
+    if ckpt_path is not None:
+        step = _restore(ckpt_path, tok_cfg, model, ema, opt, disc, disc_opt, lecam)
+        logger.info("resumed from %s at step %d", ckpt_path, step)
+    if main:
+        write_json({"train": asdict(cfg), "tokenizer": asdict(tok_cfg), "world_size": info.world_size,
+                    "data": {"source": dataset.source, "num_images": len(dataset), "skipped": dataset.skipped,
+                             "class_names": dataset.class_names}}, out / "config.json")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("tokenizer %s (%s, %d bits/token), %.2f M parameters; %d steps, batch %d (%d per rank x %d)",
+                cfg.preset, tok_cfg.quantizer, tok_cfg.z_channels, n_params / 1e6, cfg.steps, cfg.batch_size,
+                local_batch, info.world_size)
+
+    net, dnet = model, disc
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(model)
+        if disc is not None:
+            dnet = nn.parallel.DistributedDataParallel(disc)
+    batches = InfiniteBatches(dataset, local_batch, info.rank, info.world_size, cfg.seed, start_step=step)
+    fixed, _ = dataset.get_batch(eval_indices(len(dataset), 8))  # (8, c, H, W) for the reconstruction grid
+    log = _JsonlLog(out / "losses.jsonl", step, main)
+    eval_set = None
+
+    def evaluate(at_step: int) -> dict:
+        nonlocal eval_set
+        if eval_set is None:
+            eval_set = load_dataset(cfg.data, tok_cfg.resolution, tok_cfg.in_channels, split=cfg.eval_split)
+        res = evaluate_tokenizer(ema, eval_set, cfg.eval_images, batch_size=max(local_batch, 64), device=device)
+        log.write({"step": at_step, "eval_psnr": res["psnr"], "eval_ssim": res["ssim"],
+                   "eval_perplexity": res.get("perplexity_per_group"), "eval_images": res["num_images"]})
+        logger.info("step %d: test PSNR %.2f dB, SSIM %.4f on %d images (EMA)", at_step, res["psnr"], res["ssim"],
+                    res["num_images"])
+        return res
+
+    def save(at_step: int) -> None:
+        if main:
+            save_checkpoint(_state(cfg, tok_cfg, model, ema, opt, disc, disc_opt, lecam, at_step), out / CHECKPOINT_NAME)
+
+    def samples(at_step: int) -> None:
+        if not main:
+            return
+        with torch.no_grad():
+            ema.eval()
+            rec = ema(fixed.to(device)).reconstruction.float().clamp(-1, 1).cpu()  # (8, c, H, W)
+        scale = max(1, 96 // tok_cfg.resolution)
+        path = save_image_grid(torch.cat([fixed, rec]), out / "samples" / f"recon_{at_step:07d}.png", nrow=8,
+                               row_labels=["input", "recon"], scale=scale)
+        (out / "reconstructions.png").write_bytes(path.read_bytes())
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", unit="step", disable=not (main and cfg.progress),
+               dynamic_ncols=True)
+    sums: dict[str, float] = {}
+    t0, n_since = time.time(), 0
+    model.train()
+    try:
+        while step < cfg.steps:
+            lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            images, _ = next(batches)
+            images = images.to(device, non_blocking=True)  # (b, c, H, W)
+            use_gan = disc is not None and step >= cfg.disc_start
+
+            with autocast(device, cfg.dtype):
+                out_t = net(images)
+            rec = out_t.reconstruction.float()  # (b, c, H, W)
+            q = out_t.quant
+            terms = {"l1": (rec - images).abs().mean(), "entropy": q.entropy_loss.float(),
+                     "commit": q.commitment.float(), "codebook": q.codebook_loss.float()}
+            loss = terms["l1"] + cfg.entropy_weight * terms["entropy"] + cfg.commit_weight * terms["commit"] \
+                + terms["codebook"]
+            if lpips is not None:
+                with autocast(device, cfg.dtype):
+                    terms["lpips"] = lpips(rec, images).float().mean()
+                loss = loss + cfg.lpips_weight * terms["lpips"]
+            if use_gan:
+                disc.requires_grad_(False)  # the generator step must not touch (or sync) the discriminator
+                with autocast(device, cfg.dtype):
+                    terms["g_loss"] = generator_loss(disc(rec).float(), cfg.gen_loss)
+                disc.requires_grad_(True)
+                loss = loss + cfg.disc_weight * terms["g_loss"]
+            _check_finite_all(loss, step + 1, info)
+
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
+            opt.step()
+            update_ema(ema, model, _ema_decay(cfg.ema_decay, step))
+
+            if use_gan:
+                for group in disc_opt.param_groups:
+                    group["lr"] = (cfg.disc_lr or cfg.lr) * lr / cfg.lr
+                with autocast(device, cfg.dtype):
+                    logits = dnet(torch.cat([images, rec.detach()])).float()  # real and fake in one pass
+                real, fake = logits.chunk(2)
+                d_loss = hinge_d_loss(real, fake)
+                terms["lecam"] = lecam(real, fake)
+                terms["d_loss"] = d_loss
+                disc_opt.zero_grad(set_to_none=True)
+                (d_loss + cfg.lecam_weight * terms["lecam"]).backward()
+                disc_opt.step()
+
+            step += 1
+            n_since += 1
+            terms.update(loss=loss, grad_norm=grad_norm, perplexity=q.perplexity, usage=q.usage)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.time() - t0
+                row = {"step": step, **{k: round(v / n_since, 6) for k, v in sums.items()}, "lr": lr,
+                       "img_per_s": round(n_since * cfg.batch_size / max(dt, 1e-9), 1)}
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
+                if not cfg.progress:
+                    logger.info("step %d: loss %.4f, l1 %.4f, %.0f img/s", step, row["loss"], row["l1"],
+                                row["img_per_s"])
+                sums, t0, n_since = {}, time.time(), 0
+            if step % cfg.save_every == 0 and step < cfg.steps:
+                save(step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                samples(step)
+            if cfg.eval_every and step % cfg.eval_every == 0 and main and step < cfg.steps:
+                evaluate(step)
+                log.plot(out)
+            barrier(info)
+    except KeyboardInterrupt:
+        if main and step > 0:
+            save(step)
+            logger.info("interrupted: checkpoint saved at step %d", step)
+        raise
+    finally:
+        bar.close()
+
+    save(step)
+    if main:
+        samples(step)
+        if cfg.eval_images > 0:
+            evaluate(step)
+        log.plot(out)
+        export = ema if cfg.export_ema else model
+        export.save_pretrained(out / "model")
+        logger.info("exported %s weights to %s", "EMA" if cfg.export_ema else "raw", out / "model")
+    barrier(info)
+    return out / "model"
+
+
+def _check_finite_all(loss: torch.Tensor, step: int, info) -> None:
+    """Every rank stops together: a NaN on one rank must not leave the others waiting in all-reduce."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+    if info.enabled:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    check_finite(loss if bad.item() == 0 else torch.tensor(float("nan")), step)
+
+
+def _state(cfg, tok_cfg, model, ema, opt, disc, disc_opt, lecam, step: int) -> dict:
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step,
+             "config": asdict(cfg), "tokenizer_config": asdict(tok_cfg)}
+    if disc is not None:
+        state.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict(), lecam=lecam.state_dict())
+    return state
+
+
+def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int:
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise UserError(f"{path} is not a bitdance tokenizer training checkpoint")
+    saved = state.get("tokenizer_config", {})
+    mine = asdict(tok_cfg)
+    diff = [k for k in mine if k in saved and _norm(saved[k]) != _norm(mine[k])]
+    if diff:
+        raise UserError(f"{path} was trained with another tokenizer config ({', '.join(diff)} differ); "
+                        "use a new --out folder or the same --preset/--quantizer")
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if disc is not None:
+            if "disc" not in state:
+                raise UserError(f"{path} has no discriminator state; it was trained with --disc-weight 0")
+            disc.load_state_dict(state["disc"])
+            disc_opt.load_state_dict(state["disc_optimizer"])
+            lecam.load_state_dict(state["lecam"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
+    return int(state["step"])
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from bitdance.data import SyntheticImages
+from bitdance.models.autoencoder import ImageTokenizer
+import bitdance.train_tokenizer as tt
+from bitdance.train_tokenizer import TokenizerTrainConfig, run
+from bitdance.utils import UserError, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """16 synthetic 16x16 RGB images in 4 class folders (the `tiny` preset's input)."""
+    from PIL import Image
+
+    from bitdance.utils import to_uint8
+
+    root = tmp_path_factory.mktemp("shapes")
+    ds = SyntheticImages(16, 16, 3, num_classes=4, seed=0)
+    arr = to_uint8(ds.get_batch(range(16))[0]).numpy()
+    for i in range(16):
+        d = root / ds.class_names[int(ds.labels[i])]
+        d.mkdir(exist_ok=True)
+        Image.fromarray(arr[i]).save(d / f"{i}.png")
+    return root
+
+
+def _cfg(data_dir, out, **kw):
+    base = dict(data=str(data_dir), out=str(out), preset="tiny", steps=6, batch_size=8, lr=2e-3, warmup=2,
+                log_every=2, sample_every=0, save_every=100, eval_images=0, progress=False)
+    return TokenizerTrainConfig(**{**base, **kw})
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_exports(data_dir, tmp_path):
+    out = tmp_path / "run"
+    model_dir = run(_cfg(data_dir, out, steps=24, log_every=6, eval_images=8, sample_every=24))
+    rows = [r for r in _rows(out) if "l1" in r]
+    assert [r["step"] for r in rows] == [6, 12, 18, 24]
+    assert rows[-1]["l1"] < 0.75 * rows[0]["l1"], rows
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    evals = [r for r in _rows(out) if "eval_psnr" in r]
+    assert len(evals) == 1 and evals[0]["eval_images"] == 8 and evals[0]["eval_psnr"] > 5
+    for name in ("config.json", "checkpoint.pt", "loss_curve.png", "reconstructions.png", "log.txt"):
+        assert (out / name).is_file(), name
+    run_cfg = json.loads((out / "config.json").read_text())
+    assert run_cfg["data"]["class_names"] == ["circle", "diamond", "ring", "square"]
+    assert run_cfg["tokenizer"]["z_channels"] == 16
+    tok = ImageTokenizer.from_pretrained(model_dir)
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 24
+    assert all(torch.equal(v, state["ema"][k]) for k, v in tok.state_dict().items())  # the EMA is exported
+    assert not all(torch.equal(v, state["model"][k]) for k, v in tok.state_dict().items())
+
+
+def test_resume_continues_from_the_saved_step_and_matches_one_run(data_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run(_cfg(data_dir, straight, steps=6))
+
+    class Interrupted(tt.InfiniteBatches):
+        def __next__(self):
+            if self.step == 4:
+                raise KeyboardInterrupt  # Ctrl-C before step 5: the trainer saves step 4 and re-raises
+            return super().__next__()
+
+    split = tmp_path / "split"
+    with monkeypatch.context() as m:
+        m.setattr(tt, "InfiniteBatches", Interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run(_cfg(data_dir, split, steps=6))
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 4
+    run(_cfg(data_dir, split, steps=6))  # auto-resume from split/checkpoint.pt
+    assert [r["step"] for r in _rows(split)] == [2, 4, 6]
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    assert b["step"] == 6
+    for key in ("model", "ema"):  # same data order, lr schedule, optimizer and EMA state
+        for k, v in a[key].items():
+            assert torch.allclose(v, b[key][k], atol=1e-5), (key, k)
+
+    with pytest.raises(UserError, match="another tokenizer config"):
+        run(_cfg(data_dir, split, steps=8, quantizer="vq"))
+    with pytest.raises(UserError, match="no checkpoint"):
+        run(_cfg(data_dir, tmp_path / "new", resume=str(tmp_path / "missing")))
+
+
+def test_vq_and_gan_paths_run(data_dir, tmp_path):
+    out = tmp_path / "vq"
+    run(_cfg(data_dir, out, steps=2, quantizer="vq", disc_weight=0.1, disc_start=1, log_every=1))
+    rows = _rows(out)
+    assert "g_loss" not in rows[0] and rows[1]["g_loss"] > 0 and rows[1]["d_loss"] > 0
+    assert rows[0]["codebook"] > 0 and rows[0]["entropy"] == 0.0
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert {"disc", "disc_optimizer", "lecam"} <= set(state)
+    assert ImageTokenizer.from_pretrained(out / "model").config.quantizer == "vq"
+
+
+def test_nan_loss_stops_the_run(data_dir, tmp_path):
+    with pytest.raises(FloatingPointError, match="step 1"):
+        run(_cfg(data_dir, tmp_path / "nan", entropy_weight=float("nan")))
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
