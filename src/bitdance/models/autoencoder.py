@@ -245,7 +245,8 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         style = z  # (b, k, h, w): its global statistics modulate every level
         if self.gan:
-            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            gen_device = generator.device if generator is not None else z.device
+            noise = torch.randn(z.shape, generator=generator, device=gen_device, dtype=z.dtype).to(z.device)
             z = torch.cat([z, noise], dim=1)  # (b, 2k, h, w): latent first, then noise
         x = self.conv_in(z)  # (b, C_top, h, w)
         for block in self.mid_block:
@@ -295,21 +296,23 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
     def token_grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
         return self.config.token_grid(image_size)
 
-    def _check_images(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise UserError(
-                f"tokenizer expects images (b, {self.config.in_channels}, H, W), got {tuple(images.shape)}"
-            )
-        self.token_grid(tuple(images.shape[-2:]))
+    def _prepare(self, x: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+        """Check (b, channels, ., .) and move to the parameters' device and dtype."""
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise UserError(f"tokenizer expects {what} (b, {channels}, ., .), got {tuple(x.shape)}")
+        if what == "images":
+            self.token_grid(tuple(x.shape[-2:]))
+        w = self.decoder.conv_in.weight
+        return x.to(device=w.device, dtype=w.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(b, c, H, W) -> codes (b, k, h, w): exactly ±1 (binary) or the quantized latent (vq); no gradient."""
-        self._check_images(images)
+        images = self._prepare(images, self.config.in_channels, "images")
         return self.quantize(self.encoder(images), compute_loss=False).codes.detach()
 
     def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
         """(b, c, H, W) -> indices (b, k/g, h, w), little endian per group of g bits."""
-        self._check_images(images)
+        images = self._prepare(images, self.config.in_channels, "images")
         return self.quantize(self.encoder(images), compute_loss=False).indices
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
@@ -317,17 +320,14 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
 
     def decode(self, codes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """codes (b, k, h, w) -> images (b, c, h*f, w*f); the GAN decoder draws its noise from `generator`."""
-        if codes.ndim != 4 or codes.shape[1] != self.config.z_channels:
-            raise UserError(f"tokenizer expects codes (b, {self.config.z_channels}, h, w), got {tuple(codes.shape)}")
-        param = self.decoder.conv_in.weight
-        return self.decoder(codes.to(param.device), generator=generator)
+        return self.decoder(self._prepare(codes, self.config.z_channels, "codes"), generator=generator)
 
     def decode_indices(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.decode(self.indices_to_codes(indices), generator=generator)
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> TokenizerOutput:
         """Training pass: encode, quantize (straight-through, aux losses in training mode), decode."""
-        self._check_images(images)
+        images = self._prepare(images, self.config.in_channels, "images")
         quant = self.quantize(self.encoder(images))
         rec = self.decoder(quant.codes, generator=generator)  # (b, c, H, W)
         return TokenizerOutput(reconstruction=rec, codes=quant.codes, quant=quant)

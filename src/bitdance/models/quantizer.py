@@ -154,7 +154,7 @@ def entropy_terms(
     """
     m, groups, g = x.shape
     K = 2**g
-    codebook = all_codes(g, device=x.device)  # (K, g)
+    codebook = all_codes(g, device=x.device, dtype=x.dtype)  # (K, g)
     rows = max(1, max_elements // (groups * K))
     chunks = x.split(rows)
     prob_sum = x.new_zeros(groups, K)
