@@ -339,7 +339,8 @@ class BitDance(nn.Module, PretrainedMixin):
         L = x.shape[1]
         cos, sin = self.rope_cos[start : start + L], self.rope_sin[start : start + L]
         cache_start = start if use_cache else None
-        x = self.emb_norm(x)
+        # residual stream in the parameter dtype (fp32 under autocast) on every path, cached or not
+        x = self.emb_norm(x.to(self.emb_norm.weight.dtype))
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 fn = partial(layer, cos=cos, sin=sin, mask=mask, is_causal=is_causal, cache_start=cache_start)
@@ -467,7 +468,7 @@ def fmnist(parallel: int = 1, head: str = "diffusion", **overrides) -> BitDanceC
     """32x32 Fashion-MNIST -> 8x8 tokens of 32 bits, 10 classes; trains on a 2-core CPU in ~20-30 minutes."""
     base = dict(dim=256, n_layers=6, n_heads=4, num_classes=10, class_tokens=4, token_bits=32, grid_size=(8, 8),
                 head_width=256, head_depth=3, head_adaln=1, head_attn_dim=64, perturb_rate=0.1,
-                cfg_scale=2.0, num_sampling_steps=50)
+                cfg_scale=2.0, num_sampling_steps=25)
     return _make(base, parallel, head, overrides)
 
 
