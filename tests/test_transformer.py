@@ -335,3 +335,19 @@ def test_init_and_class_token_split():
     prefix = model._prefix(torch.tensor([3]))[0]
     d = model.config.dim
     assert torch.equal(prefix[1], emb[d : 2 * d])
+
+
+def test_bf16_autocast_cached_matches_teacher_forced():
+    """Under autocast every path keeps an fp32 residual stream, so bf16 rounding alone separates them."""
+    from bitdance.utils import autocast
+
+    model = make(parallel=4).eval()
+    tokens, labels = rand_tokens(2, model.config), torch.tensor([0, 1])
+    patch = model.to_patch_order(tokens)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bfloat16"):
+        ref = model.head_conditions(tokens, labels)
+        model.setup_cache(2, dtype=torch.bfloat16)
+        got = [model.prefill(labels)] + [model.decode_step(patch[:, 4 * (s - 1) : 4 * s], s) for s in (1, 2, 3)]
+        model.clear_cache()
+    assert ref.dtype == torch.float32
+    torch.testing.assert_close(torch.stack(got, 1).float(), ref, atol=1e-3, rtol=0)
