@@ -1,4 +1,4 @@
-"""Evaluation: FID through torchmetrics with a tiny extractor, reference-stats cache, npz files, classifier, CLI.
+"""Evaluation: FID via torchmetrics with a tiny extractor, reference-stats cache, npz, classifier, CLI.
 
 Only `test_real_inception_features` touches the real FID-Inception (4 images; skipped without the wheel).
 """
@@ -186,7 +186,7 @@ def test_reference_stats_cached_once(idx_folder, tmp_path):
 def test_real_inception_features():
     ext = InceptionFeatures()
     assert ext.num_features == 2048 and not ext.has_logits
-    imgs = torch.from_numpy(smooth_images(3, size=28)).permute(0, 3, 1, 2).contiguous()  # (3, 1, 28, 28) uint8
+    imgs = torch.from_numpy(smooth_images(3, size=28)).permute(0, 3, 1, 2).contiguous()  # (3, 1, 28, 28) u8
     with torch.no_grad():
         f = ext(imgs)
         f_float = ext(imgs[:1].float() / 255.0)  # float [0, 1] input means the same image as uint8
@@ -231,7 +231,8 @@ def test_wrong_npz_is_user_error(tmp_path):
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
     np.savez(tmp_path / "labels.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), arr_1=np.zeros(3, np.int64))
     for name, msg in (("missing.npz", "not found"), ("text.npz", "cannot read"), ("one.npy", "single .npy"),
-                      ("noarr0.npz", "no arr_0"), ("float.npz", "uint8"), ("labels.npz", "one integer label")):
+                      ("noarr0.npz", "no arr_0"), ("float.npz", "uint8"),
+                      ("labels.npz", "one integer label")):
         with pytest.raises(UserError, match=msg):
             load_npz(tmp_path / name)
     with pytest.raises(UserError):
@@ -291,8 +292,9 @@ def test_cli_eval_fid_end_to_end(idx_folder, tmp_path, capsys):
 
 def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeypatch):
     clf_dir = tmp_path / "clf"
-    assert main(["eval", "train-classifier", "--data", str(idx_folder), "--out", str(clf_dir), "--steps", "40",
-                 "--batch-size", "32", "--resolution", "16", "--width", "8", "--lr", "5e-3", "--json"]) == 0
+    assert main(["eval", "train-classifier", "--data", str(idx_folder), "--out", str(clf_dir),
+                 "--steps", "40", "--batch-size", "32", "--resolution", "16", "--preset", "tiny",
+                 "--lr", "5e-3", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["test_accuracy"] >= 0.9 and (clf_dir / "metrics.json").is_file()
 
@@ -310,7 +312,8 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
             pics = np.stack([separable_images(3, size=16, seed=len(self.calls))[0][c] for c in class_labels])
             return types.SimpleNamespace(images=pics[..., None])  # (b, 16, 16, 1)
 
-    monkeypatch.setitem(sys.modules, "bitdance.pipeline", types.SimpleNamespace(BitDancePipeline=FakePipeline))
+    fake_module = types.SimpleNamespace(BitDancePipeline=FakePipeline)
+    monkeypatch.setitem(sys.modules, "bitdance.pipeline", fake_module)
     assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7",
                  "--batch-size", "3", "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.npz"),
                  "--json"]) == 0

@@ -19,7 +19,9 @@ DEFAULT_MODEL_SAMPLES = 1000
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate samples or models: FID, precision/recall, class consistency")
+    from bitdance.evaluation.classifier import CLASSIFIER_PRESETS  # light: torch is loaded by the CLI anyway
+
+    p = subparsers.add_parser("eval", help="FID, precision/recall and class consistency of samples or models")
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -37,14 +39,15 @@ def register(subparsers) -> None:
     f.set_defaults(func=run_fid)
 
     t = sub.add_parser("train-classifier", help="train the small CNN used for class consistency")
-    t.add_argument("--data", required=True, help="labelled data: Fashion-MNIST IDX folder or class subfolders")
-    t.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, metrics.json)")
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--data", required=True, help="labelled data: Fashion-MNIST IDX or class subfolders")
+    t.add_argument("--out", required=True, help="folder for config.json, model.safetensors, metrics.json")
+    t.add_argument("--preset", default="fmnist", choices=sorted(CLASSIFIER_PRESETS))
+    t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--resolution", type=int, default=32)
-    t.add_argument("--channels", type=int, choices=(1, 3), default=None)
-    t.add_argument("--width", type=int, default=32, help="channels of the first conv stage")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--resolution", type=int, default=None, help="image size (default: the preset's, 32)")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=None, help="default: the data's")
+    t.add_argument("--width", type=int, default=None, help="channels of the first conv stage (preset: 16)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--json", action="store_true", help="print one JSON object")
@@ -61,19 +64,19 @@ def register(subparsers) -> None:
 def _add_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", default=None, help="ADM-style .npz (arr_0 uint8 NHWC images, arr_1 labels)")
-    src.add_argument("--model", default=None, help="saved BitDancePipeline folder (or 'builtin') to sample from")
+    src.add_argument("--model", default=None, help="BitDancePipeline folder (or 'builtin') to sample from")
     p.add_argument("--num-samples", type=int, default=None,
                    help=f"samples to use (default: all in --samples, {DEFAULT_MODEL_SAMPLES} from --model)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (--model)")
-    p.add_argument("--steps", type=int, default=None, help="flow steps per token (--model; default: the model's)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (--model; default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="flow steps (--model; default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="CFG (--model; default: the model's)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _load_samples(args, num_classes: int | None):
+def _load_samples(args, num_classes: int | None, device):
     """(images uint8 (n, H, W, c), labels or None, source description) from --samples or --model."""
     from bitdance.evaluation.npz import generate_samples, load_npz, save_npz
 
@@ -85,13 +88,14 @@ def _load_samples(args, num_classes: int | None):
         images, labels = load_npz(args.samples)
         if args.num_samples is not None:
             if args.num_samples > images.shape[0]:
-                raise UserError(f"--num-samples {args.num_samples} but {args.samples} holds {images.shape[0]}")
+                raise UserError(f"--num-samples {args.num_samples}: {args.samples} holds {images.shape[0]}")
             images = images[:args.num_samples]
             labels = labels[:args.num_samples] if labels is not None else None
         return images, labels, {"samples": args.samples, "num_samples": int(images.shape[0])}
     images, labels, settings = generate_samples(
-        args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes, batch_size=args.batch_size,
-        seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
+        args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes,
+        batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, device=device)
     if args.save_samples:
         save_npz(args.save_samples, images, labels)
         settings["saved_to"] = args.save_samples
@@ -124,7 +128,7 @@ def run_fid(args) -> int:
     device = resolve_device(args.device)
     extractor = InceptionFeatures(args.inception)  # fail on missing weights before any sampling
     num_classes = _data_classes(args.data, args.split) if args.model else None
-    images, labels, source = _load_samples(args, num_classes)
+    images, labels, source = _load_samples(args, num_classes, device)
     with torch.no_grad():
         result = evaluate_samples(images, labels, args.data, split=args.split, extractor=extractor,
                                   cache_dir=args.stats_cache, max_reference=args.num_reference,
@@ -140,21 +144,24 @@ def run_fid(args) -> int:
 
 def run_train_classifier(args) -> int:
     from bitdance.evaluation.classifier import train_classifier
+    from bitdance.utils import resolve_device
 
     metrics = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               resolution=args.resolution, channels=args.channels, width=args.width,
-                               seed=args.seed, device=args.device)
+                               preset=args.preset, resolution=args.resolution, channels=args.channels,
+                               width=args.width, seed=args.seed, device=resolve_device(args.device))
     _emit(metrics, args.json)
     return 0
 
 
 def run_classify(args) -> int:
     from bitdance.evaluation.classifier import accuracy, load_classifier, real_test_accuracy
+    from bitdance.utils import resolve_device
 
-    clf = load_classifier(args.classifier, device=args.device)
-    images, labels, source = _load_samples(args, clf.config.num_classes)
+    device = resolve_device(args.device)
+    clf = load_classifier(args.classifier, device=device)
+    images, labels, source = _load_samples(args, clf.config.num_classes, device)
     if labels is None:
-        raise UserError(f"{args.samples} has no arr_1 labels; class consistency needs the intended class per image")
+        raise UserError(f"{args.samples} has no arr_1 labels; class consistency needs each image's class")
     result = {"class_consistency": accuracy(clf, images, labels, batch_size=max(args.batch_size, 256)),
               "num_samples": int(images.shape[0]), "real_accuracy": None,
               "classifier": args.classifier, "class_names": list(clf.config.class_names), "source": source}

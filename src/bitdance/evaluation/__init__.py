@@ -26,7 +26,7 @@ from bitdance.evaluation.npz import balanced_labels, generate_samples, load_npz,
 
 __all__ = [
     "Classifier", "ClassifierConfig", "accuracy", "load_classifier", "real_test_accuracy", "train_classifier",
-    "InceptionFeatures", "ReferenceStats", "cached_reference_stats", "compute_reference_stats", "evaluate_samples",
-    "fid_from_images", "find_default_inception", "inception_score", "precision_recall",
+    "InceptionFeatures", "ReferenceStats", "cached_reference_stats", "compute_reference_stats",
+    "evaluate_samples", "fid_from_images", "find_default_inception", "inception_score", "precision_recall",
     "balanced_labels", "generate_samples", "load_npz", "save_npz",
 ]

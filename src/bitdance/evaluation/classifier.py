@@ -26,14 +26,21 @@ class ClassifierConfig:
     in_channels: int = 1
     num_classes: int = 10
     resolution: int = 32  # inputs of another size are resized to this
-    width: int = 32  # channels of the first stage; doubled at each of the three stages
+    width: int = 16  # channels of the first stage; doubled at each of the three stages
     class_names: tuple[str, ...] = ()
 
 
-CLASSIFIER_PRESETS = {
-    "small": lambda: ClassifierConfig(width=32),
-    "tiny": lambda: ClassifierConfig(width=8),
-}
+def fmnist() -> ClassifierConfig:
+    """Fashion-MNIST at 32x32: 73 k parameters, ~91% test accuracy after 1000 steps of 128."""
+    return ClassifierConfig(in_channels=1, num_classes=10, resolution=32, width=16)
+
+
+def tiny() -> ClassifierConfig:
+    """Unit tests."""
+    return ClassifierConfig(width=8)
+
+
+CLASSIFIER_PRESETS = {"fmnist": fmnist, "tiny": tiny}
 
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:
@@ -101,7 +108,8 @@ def accuracy(classifier: Classifier, images, labels, batch_size: int = 256) -> f
     if labels.shape[0] != len(images):
         raise UserError(f"{labels.shape[0]} labels for {len(images)} images")
     if labels.numel() and int(labels.max()) >= classifier.config.num_classes:
-        raise UserError(f"label {int(labels.max())} is outside the classifier's {classifier.config.num_classes} classes")
+        raise UserError(f"label {int(labels.max())} is outside the classifier's "
+                        f"{classifier.config.num_classes} classes")
     return (classifier.predict(images, batch_size) == labels).double().mean().item()
 
 
@@ -122,7 +130,8 @@ def _dataset_tensors(dataset, desc: str, progress: bool) -> tuple[torch.Tensor, 
 
 def fit_classifier(images: torch.Tensor, labels: torch.Tensor, config: ClassifierConfig, steps: int,
                    batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 1e-4,
-                   generator: torch.Generator | None = None, device=None, progress: bool = True) -> Classifier:
+                   generator: torch.Generator | None = None, device=None,
+                   progress: bool = True) -> Classifier:
     """Train a fresh classifier on in-memory float images (N, c, H, W) in [-1, 1] and labels (N,)."""
     generator = generator or torch.Generator().manual_seed(0)
     device = torch.device(device or "cpu")
@@ -147,31 +156,42 @@ def fit_classifier(images: torch.Tensor, labels: torch.Tensor, config: Classifie
     return model.eval()
 
 
-def train_classifier(data_path: str | os.PathLike, out_dir: str | os.PathLike, steps: int = 1500,
-                     batch_size: int = 128, lr: float = 2e-3, resolution: int = 32, channels: int | None = None,
-                     width: int = 32, seed: int = 0, device=None, progress: bool = True) -> dict:
+def train_classifier(data_path: str | os.PathLike, out_dir: str | os.PathLike, steps: int = 1000,
+                     batch_size: int = 128, lr: float = 3e-3, preset: str = "fmnist",
+                     resolution: int | None = None, channels: int | None = None, width: int | None = None,
+                     seed: int = 0, device=None, progress: bool = True) -> dict:
     """Train on `data_path`'s train split, report accuracy on its test split, save to `out_dir`.
 
+    The preset gives resolution and width (overridable); channels and classes come from the data.
     Writes `config.json` + `model.safetensors` (class names in the config) and `metrics.json`.
     """
     from bitdance.evaluation.fid import open_dataset
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
+    if preset not in CLASSIFIER_PRESETS:
+        raise UserError(f"unknown classifier preset {preset!r}; choose from {', '.join(CLASSIFIER_PRESETS)}")
+    base = CLASSIFIER_PRESETS[preset]()
+    resolution = resolution or base.resolution
+    width = width or base.width
     start = time.time()
     train = open_dataset(data_path, resolution, channels, "train")
     x, y = _dataset_tensors(train, "loading train split", progress)
     if int(y.min()) < 0:
-        raise UserError(f"{data_path} has unlabelled images; the classifier needs class subfolders or IDX labels")
-    num_classes = len(train.class_names) if getattr(train, "class_names", None) else int(y.max()) + 1
-    names = tuple(train.class_names) if getattr(train, "class_names", None) else tuple(str(i) for i in range(num_classes))
+        raise UserError(f"{data_path} has unlabelled images; the classifier needs class subfolders or IDX")
+    if getattr(train, "class_names", None):
+        names = tuple(train.class_names)
+    else:
+        names = tuple(str(i) for i in range(int(y.max()) + 1))
+    num_classes = len(names)
     config = ClassifierConfig(in_channels=x.shape[1], num_classes=num_classes, resolution=resolution,
                               width=width, class_names=names)
     model = fit_classifier(x, y, config, steps, batch_size=batch_size, lr=lr,
                            generator=torch.Generator().manual_seed(seed), device=device, progress=progress)
     train_time = time.time() - start
-    metrics = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "train_images": int(x.shape[0]),
-               "train_time_s": round(train_time, 1),
+    metrics = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+               "resolution": resolution, "width": width,
+               "train_images": int(x.shape[0]), "train_time_s": round(train_time, 1),
                "train_accuracy": accuracy(model, x[:10_000], y[:10_000]), "test_accuracy": None}
     try:
         test = open_dataset(data_path, resolution, channels, "test")
@@ -192,7 +212,8 @@ def load_classifier(directory: str | os.PathLike, device=None) -> Classifier:
     return Classifier.from_pretrained(directory, device=device or "cpu")
 
 
-def real_test_accuracy(classifier: Classifier, data_path, split: str = "test", progress: bool = True) -> float:
+def real_test_accuracy(classifier: Classifier, data_path, split: str = "test",
+                       progress: bool = True) -> float:
     """Accuracy on real images of `data_path` at the classifier's resolution and channels."""
     from bitdance.evaluation.fid import open_dataset
 

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +96,12 @@ class InceptionFeatures(nn.Module):
             if not path.is_file():
                 raise UserError(f"--inception {path}: file not found")
             try:
-                self.net = torch.jit.load(str(path), map_location="cpu")
+                with warnings.catch_warnings():  # torch 2.13 flags TorchScript as deprecated; it still loads
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self.net = torch.jit.load(str(path), map_location="cpu")
             except Exception as e:  # not a TorchScript archive
-                raise UserError(f"--inception {path} is not a TorchScript file: {str(e).splitlines()[0][:200]}")
+                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                raise UserError(f"--inception {path} is not a TorchScript file: {first}")
             self.source = str(path)
             self._digest = _file_digest(path)
         self.net.eval()
@@ -128,7 +132,8 @@ class InceptionFeatures(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
         if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+            size = (self.input_size, self.input_size)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (n, 3, S, S)
         return 2.0 * x - 1.0  # (n, 3, S, S) in [-1, 1]
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -145,7 +150,8 @@ class InceptionFeatures(nn.Module):
 
 
 def extractor_id(extractor: nn.Module) -> str:
-    return getattr(extractor, "extractor_id", None) or f"module:{type(extractor).__qualname__}:{_module_digest(extractor)}"
+    own = getattr(extractor, "extractor_id", None)
+    return own or f"module:{type(extractor).__qualname__}:{_module_digest(extractor)}"
 
 
 def _extract(extractor: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -254,8 +260,9 @@ class ReferenceStats:
 
 
 @torch.no_grad()
-def compute_reference_stats(dataset, extractor: nn.Module, batch_size: int = 50, max_images: int | None = None,
-                            keep_features: int = 5000, seed: int = 0, device: str | torch.device | None = None,
+def compute_reference_stats(dataset, extractor: nn.Module, batch_size: int = 50,
+                            max_images: int | None = None, keep_features: int = 5000, seed: int = 0,
+                            device: str | torch.device | None = None,
                             progress: bool = True) -> ReferenceStats:
     """Real-side FID statistics of `dataset` (items `(image (c, H, W) in [-1, 1], label)`).
 
@@ -397,8 +404,9 @@ def _batches(images: np.ndarray, batch_size: int):
 
 
 def evaluate_samples(samples, labels, data_path, split: str = "test", extractor: nn.Module | None = None,
-                     inception: str | os.PathLike | None = None, cache_dir=None, max_reference: int | None = None,
-                     batch_size: int = 50, keep_features: int = 5000, device=None, progress: bool = True) -> dict:
+                     inception: str | os.PathLike | None = None, cache_dir=None,
+                     max_reference: int | None = None, batch_size: int = 50, keep_features: int = 5000,
+                     device=None, progress: bool = True) -> dict:
     """FID / precision / recall (/ IS) of uint8 samples (n, H, W, c) against a data set's split.
 
     The reference images are loaded at the samples' resolution and channel count. Returns a JSON-ready
@@ -406,7 +414,7 @@ def evaluate_samples(samples, labels, data_path, split: str = "test", extractor:
     """
     samples = np.asarray(samples)
     if samples.dtype != np.uint8 or samples.ndim != 4 or samples.shape[-1] not in (1, 3):
-        raise UserError(f"samples must be uint8 (n, H, W, c) with c 1 or 3, got {samples.dtype} {samples.shape}")
+        raise UserError(f"samples must be uint8 (n, H, W, c), c 1 or 3; got {samples.dtype} {samples.shape}")
     n, h, w, c = samples.shape
     if h != w:
         raise UserError(f"samples must be square, got {h}x{w}")
@@ -416,11 +424,13 @@ def evaluate_samples(samples, labels, data_path, split: str = "test", extractor:
     extractor = extractor.to(device)
     stats, cache_file, cached = cached_reference_stats(
         data_path, extractor, resolution=h, channels=c, split=split, max_images=max_reference,
-        cache_dir=cache_dir, keep_features=keep_features, batch_size=batch_size, device=device, progress=progress)
+        cache_dir=cache_dir, keep_features=keep_features, batch_size=batch_size, device=device,
+        progress=progress)
     result = fid_from_images(stats, _batches(samples, batch_size), extractor, keep_features=keep_features,
                              device=device, progress=progress, total=math.ceil(n / batch_size))
     result["reference"] = {"data": str(Path(data_path).resolve()), "split": split, "resolution": h,
-                           "channels": c, "count": stats.count, "cache": str(cache_file), "from_cache": cached}
+                           "channels": c, "count": stats.count, "cache": str(cache_file),
+                           "from_cache": cached}
     result["evaluator"] = {"extractor": extractor_id(extractor), "source": getattr(extractor, "source", None),
                            "library": "torchmetrics.image.fid.FrechetInceptionDistance",
                            "preprocess": getattr(extractor, "preprocess", None)}

@@ -33,7 +33,7 @@ def save_npz(path: str | os.PathLike, images, labels=None, rgb: bool = False) ->
     if images.dtype != np.uint8:
         raise UserError(f"save_npz({path}): images must be uint8 (n, H, W, c), got dtype {images.dtype}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise UserError(f"save_npz({path}): images must have shape (n, H, W, c) with c 1 or 3, got {images.shape}")
+        raise UserError(f"save_npz({path}): images must be (n, H, W, c) with c 1 or 3, got {images.shape}")
     if rgb and images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)  # (n, H, W, 3)
     arrays = {"arr_0": np.ascontiguousarray(images)}
@@ -74,10 +74,11 @@ def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
         images = images[..., None]  # (n, H, W, 1)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(
-            f"{path}: arr_0 must be uint8 images (n, H, W, c) with c 1 or 3, got {images.dtype} {images.shape}"
+            f"{path}: arr_0 must be uint8 images (n, H, W, c), c 1 or 3; got {images.dtype} {images.shape}"
         )
     if labels is not None:
-        if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        integer = np.issubdtype(labels.dtype, np.integer)
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not integer:
             raise UserError(
                 f"{path}: arr_1 must hold one integer label per image ({images.shape[0]}), "
                 f"got {labels.dtype} {labels.shape}"
@@ -118,13 +119,14 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
         pipe = pipe.to(device) or pipe
     num_classes = getattr(pipe, "num_classes", None) or num_classes
     if not num_classes:
-        raise UserError(f"cannot tell how many classes {model} has; pass a data set or classifier with classes")
+        raise UserError(f"cannot tell how many classes {model} has; give a data set with class names")
     labels = balanced_labels(num_samples, int(num_classes))
     images = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
         gen = torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + start)
-        out = pipe(class_labels=labels[start:start + batch_size].tolist(), num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, generator=gen, output_type="np", progress=False)
+        out = pipe(class_labels=labels[start:start + batch_size].tolist(),
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gen,
+                   output_type="np", progress=False)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
     settings = {"model": str(model), "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
