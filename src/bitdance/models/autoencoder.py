@@ -332,7 +332,6 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         rec = self.decoder(quant.codes, generator=generator)  # (b, c, H, W)
         return TokenizerOutput(reconstruction=rec, codes=quant.codes, quant=quant)
 
-
     @classmethod
     def from_official(
         cls, path: str | os.PathLike, config: TokenizerConfig | None = None, device: str | torch.device = "cpu"

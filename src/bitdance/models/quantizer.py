@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from bitdance.utils import UserError, fp32_island
 
@@ -142,30 +141,50 @@ def _entropy_chunk(x: torch.Tensor, codebook: torch.Tensor, temperature: float):
     return p.sum(0), -(p * logp).sum()
 
 
+class _ChunkedEntropy(torch.autograd.Function):
+    """Sums of `_entropy_chunk` over row chunks, recomputing each chunk in backward (activation
+    checkpointing by hand: torch.utils.checkpoint would import torch._dynamo, seconds on a small CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, codebook, temperature, rows):
+        ctx.save_for_backward(x, codebook)
+        ctx.temperature, ctx.rows = temperature, rows
+        prob_sum, ent_sum = x.new_zeros(x.shape[1], codebook.shape[0]), x.new_zeros(())
+        for chunk in x.split(rows):
+            ps, es = _entropy_chunk(chunk, codebook, temperature)
+            prob_sum, ent_sum = prob_sum + ps, ent_sum + es
+        return prob_sum, ent_sum
+
+    @staticmethod
+    def backward(ctx, grad_prob_sum, grad_ent_sum):
+        x, codebook = ctx.saved_tensors
+        grads = []
+        with torch.enable_grad(), fp32_island(x.device.type):
+            for chunk in x.detach().split(ctx.rows):
+                chunk.requires_grad_(True)
+                ps, es = _entropy_chunk(chunk, codebook, ctx.temperature)
+                surrogate = (ps * grad_prob_sum).sum() + es * grad_ent_sum  # vector-Jacobian product
+                grads.append(torch.autograd.grad(surrogate, chunk)[0])
+        return torch.cat(grads), None, None, None
+
+
 def entropy_terms(
     x: torch.Tensor, temperature: float = 0.01, pool_groups: bool = False, max_elements: int = 2**22
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample and codebook entropy of the latent tokens x (m, G, g), in fp32.
 
     p = softmax(2<x, c> / T) over the 2^g codes c of each group. Returns (mean over tokens and groups of
-    H(p), H of the batch-mean p averaged over groups). The (m, G, 2^g) probabilities are built in chunks
-    of rows; with several chunks each one is recomputed in backward (activation checkpointing), so the
-    memory held is one chunk, not the whole table.
+    H(p), H of the batch-mean p averaged over groups). When the (m, G, 2^g) probability table is larger
+    than `max_elements`, it is built in row chunks and each chunk is recomputed in backward, so the memory
+    held is one chunk, not the whole table.
     """
     m, groups, g = x.shape
-    K = 2**g
     codebook = all_codes(g, device=x.device, dtype=x.dtype)  # (K, g)
-    rows = max(1, max_elements // (groups * K))
-    chunks = x.split(rows)
-    prob_sum = x.new_zeros(groups, K)
-    ent_sum = x.new_zeros(())
-    for chunk in chunks:
-        if len(chunks) > 1 and chunk.requires_grad:
-            ps, es = checkpoint(_entropy_chunk, chunk, codebook, temperature, use_reentrant=False)
-        else:
-            ps, es = _entropy_chunk(chunk, codebook, temperature)
-        prob_sum = prob_sum + ps
-        ent_sum = ent_sum + es
+    rows = max(1, max_elements // (groups * 2**g))
+    if m > rows:
+        prob_sum, ent_sum = _ChunkedEntropy.apply(x, codebook, temperature, rows)
+    else:
+        prob_sum, ent_sum = _entropy_chunk(x, codebook, temperature)
     avg = prob_sum / m  # (G, K)
     if pool_groups:
         avg = avg.mean(0, keepdim=True)  # (1, K)
