@@ -17,6 +17,7 @@ from bitdance.models.autoencoder import (
     official_key_shapes,
     preset_name,
     random_official_state_dict,
+    save_official,
 )
 from bitdance.models.quantizer import bits_to_indices
 from bitdance.utils import UserError, count_parameters, save_checkpoint, write_json
@@ -170,6 +171,8 @@ def test_official_pt_loader_infers_config_strips_prefix_and_ignores_buffers(tmp_
     ref.load_state_dict(sd)
     assert torch.equal(_reference_outputs(m, _images()), _reference_outputs(ref, _images()))
     assert preset_name(ImageTokenizer.from_official(_write_pt(tmp_path, _tiny())).config) == "tiny"
+    back = ImageTokenizer.from_official(save_official(m, tmp_path / "exported"))  # official folder round trip
+    assert torch.equal(_reference_outputs(back, _images()), _reference_outputs(ref, _images()))
 
 
 def _write_pt(tmp_path, cfg):
@@ -191,7 +194,8 @@ def test_official_safetensors_pair_loader(tmp_path):
     assert torch.equal(m.decode(codes, generator=_gen(3)), again.decode(codes, generator=_gen(3)))
     # HF tokenizer-repo naming: <name>.safetensors + <name>_config.json
     write_json(official_ae_config(cfg), tmp_path / "ae_d1_config.json")
-    save_file(sd, str(tmp_path / "ae_d1.safetensors"))
+    buffers = {"quantize.codebook": torch.ones(256, 8), "quantize.mask_0": torch.arange(8)}  # GFQ buffers
+    save_file({**sd, **buffers}, str(tmp_path / "ae_d1.safetensors"))
     assert ImageTokenizer.from_official(tmp_path / "ae_d1.safetensors").config == m.config
 
 

@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from bitdance.models.quantizer import QuantizerConfig, QuantizerOutput, build_quantizer
-from bitdance.utils import PretrainedMixin, UserError, load_checkpoint, read_json
+from bitdance.utils import PretrainedMixin, UserError, atomic_path, load_checkpoint, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
 # Config and presets
@@ -534,7 +534,11 @@ def _strip_official_prefixes(state: dict, source: str) -> dict[str, torch.Tensor
         raise UserError(f"{source} does not hold a state dict of tensors")
     if any(k.startswith("vae.") for k in state):  # a whole ImageNet BitDance model: keep its tokenizer
         state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
-    return state
+    # The official quantizer's buffers (codebook, masks) are non-persistent, not weights: drop any that slipped
+    # in. Only our VQ tokenizer has a (G, 2^g, g) `quantize.codebook` parameter.
+    book = state.get("quantize.codebook")
+    vq = book is not None and book.ndim == 3
+    return {k: v for k, v in state.items() if vq or not k.startswith("quantize.")}
 
 
 def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerConfig | None, str]:
@@ -572,10 +576,7 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
                 if isinstance(obj.get(key), dict):
                     obj = obj[key]
                     break
-        state = _strip_official_prefixes(obj, str(path))
-        # the official quantizer's buffers (codebook, masks) are non-persistent; drop any that slipped in
-        state = {k: v for k, v in state.items() if not k.startswith("quantize.")}
-        return state, None, str(path)
+        return _strip_official_prefixes(obj, str(path)), None, str(path)
     else:
         raise UserError(f"unsupported tokenizer file {path}: expected a folder, .safetensors, .json or .pt")
 
@@ -594,8 +595,8 @@ def save_official(model: ImageTokenizer, directory: str | os.PathLike) -> Path:
     """Write `ae_config.json` + `ae.safetensors` in the official layout (binary tokenizers)."""
     from safetensors.torch import save_file
 
-    from bitdance.utils import atomic_path, write_json
-
+    if model.config.quantizer != "binary":
+        raise UserError("only binary tokenizers have an official layout; use save_pretrained for a VQ tokenizer")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(official_ae_config(model.config), directory / OFFICIAL_CONFIG_NAME)
