@@ -103,3 +103,13 @@ def test_nan_loss_stops_the_run(data_dir, tmp_path):
     with pytest.raises(FloatingPointError, match="step 1"):
         run(_cfg(data_dir, tmp_path / "nan", entropy_weight=float("nan")))
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+
+
+def test_time_budget_stops_early_and_still_exports(data_dir, tmp_path):
+    out = tmp_path / "budget"
+    run(_cfg(data_dir, out, steps=500, max_minutes=1e-4))  # 6 ms: the first step already exceeds it
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 1 and state["train_seconds"] > 0.006
+    assert (out / "model" / "model.safetensors").is_file()
+    assert "time budget" in (out / "log.txt").read_text()
+    assert _rows(out)[-1]["step"] == 1 and _rows(out)[-1]["train_minutes"] > 0  # the cut-short interval is logged

@@ -69,6 +69,7 @@ class TokenizerTrainConfig:
     quantizer: str | None = None  # override the preset's "binary" | "vq"
     group_size: int | None = None  # override bits per entropy / VQ group
     steps: int = 2000
+    max_minutes: float = 0.0  # > 0: stop after this much training time (resumes included); lr follows the clock
     batch_size: int = 64  # global; per rank = batch_size / world size
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
@@ -229,11 +230,12 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         lecam = LeCam().to(device)
     lpips = LPIPS(LPIPSConfig(cfg.lpips_weights)).to(device) if cfg.lpips_weight > 0 else None
 
-    step = 0
+    step, train_s = 0, 0.0  # optimizer steps done, seconds spent in training steps (evals excluded)
     ckpt_path = _find_resume(cfg, out)
     if ckpt_path is not None:
-        step = _restore(ckpt_path, tok_cfg, model, ema, opt, disc, disc_opt, lecam)
+        step, train_s = _restore(ckpt_path, tok_cfg, model, ema, opt, disc, disc_opt, lecam)
         logger.info("resumed from %s at step %d", ckpt_path, step)
+    budget_s = cfg.max_minutes * 60.0
     if main:
         write_json({"train": asdict(cfg), "tokenizer": asdict(tok_cfg), "world_size": info.world_size,
                     "data": {"source": dataset.source, "num_images": len(dataset), "skipped": dataset.skipped,
@@ -266,7 +268,9 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
 
     def save(at_step: int) -> None:
         if main:
-            save_checkpoint(_state(cfg, tok_cfg, model, ema, opt, disc, disc_opt, lecam, at_step), out / CHECKPOINT_NAME)
+            state = _state(cfg, tok_cfg, model, ema, opt, disc, disc_opt, lecam, at_step)
+            state["train_seconds"] = train_s
+            save_checkpoint(state, out / CHECKPOINT_NAME)
 
     def samples(at_step: int) -> None:
         if not main:
@@ -284,11 +288,29 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", unit="step", disable=not (main and cfg.progress),
                dynamic_ncols=True)
     sums: dict[str, float] = {}
-    t0, n_since = time.time(), 0
+    n_since, train_s_logged = 0, train_s
+
+    def log_row(lr: float) -> None:
+        # averages since the last row; img/s over training-step time only (evals and saves excluded)
+        nonlocal sums, n_since, train_s_logged
+        row = {"step": step, **{k: round(v / n_since, 6) for k, v in sums.items()}, "lr": lr,
+               "img_per_s": round(n_since * cfg.batch_size / max(train_s - train_s_logged, 1e-9), 1),
+               "train_minutes": round(train_s / 60, 3)}
+        log.write(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
+        if not cfg.progress:
+            logger.info("step %d: loss %.4f, l1 %.4f, %.0f img/s", step, row["loss"], row["l1"], row["img_per_s"])
+        sums, n_since, train_s_logged = {}, 0, train_s
     model.train()
     try:
         while step < cfg.steps:
-            lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * cfg.min_lr_ratio)
+            if budget_s > 0 and _out_of_time(train_s, budget_s, info):
+                logger.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+                break
+            t_step = time.time()
+            # with a time budget the schedule follows whichever of steps and clock is further along
+            progress = max(step, int(cfg.steps * train_s / budget_s)) if budget_s > 0 else step
+            lr = cosine_lr(progress, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
             images, _ = next(batches)
@@ -336,20 +358,13 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
 
             step += 1
             n_since += 1
+            train_s += time.time() - t_step
             terms.update(loss=loss, grad_norm=grad_norm, perplexity=q.perplexity, usage=q.usage)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                dt = time.time() - t0
-                row = {"step": step, **{k: round(v / n_since, 6) for k, v in sums.items()}, "lr": lr,
-                       "img_per_s": round(n_since * cfg.batch_size / max(dt, 1e-9), 1)}
-                log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
-                if not cfg.progress:
-                    logger.info("step %d: loss %.4f, l1 %.4f, %.0f img/s", step, row["loss"], row["l1"],
-                                row["img_per_s"])
-                sums, t0, n_since = {}, time.time(), 0
+                log_row(lr)
             if step % cfg.save_every == 0 and step < cfg.steps:
                 save(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -366,7 +381,10 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     finally:
         bar.close()
 
+    if n_since:  # a time budget ended the run between log rows
+        log_row(lr)
     save(step)
+    logger.info("trained %d steps in %.1f min", step, train_s / 60)
     if main:
         samples(step)
         if cfg.eval_images > 0:
@@ -377,6 +395,14 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         logger.info("exported %s weights to %s", "EMA" if cfg.export_ema else "raw", out / "model")
     barrier(info)
     return out / "model"
+
+
+def _out_of_time(train_s: float, budget_s: float, info) -> bool:
+    """Rank 0's clock decides, so that every rank stops at the same step."""
+    flag = torch.tensor(1.0 if train_s >= budget_s else 0.0)
+    if info.enabled:
+        dist.broadcast(flag.to(info.device), src=0)
+    return bool(flag.item())
 
 
 def _check_finite_all(loss: torch.Tensor, step: int, info) -> None:
@@ -417,7 +443,7 @@ def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int
             lecam.load_state_dict(state["lecam"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
-    return int(state["step"])
+    return int(state["step"]), float(state.get("train_seconds", 0.0))
 
 
 def _norm(v):

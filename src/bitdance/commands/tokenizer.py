@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     g.add_argument("--out", required=True, help="run folder (checkpoint, logs, grids; final model in OUT/model)")
     g = t.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    g.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="time budget: stop after this many minutes of training steps (evaluations excluded, "
+                   "resumes included); the lr schedule then follows the clock when it is ahead of --steps (0: off)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over DDP ranks)")
     g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")

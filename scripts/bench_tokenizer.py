@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Fashion-MNIST tokenizer benchmark: binary vs VQ tokens at the same bits per token.
+
+Trains the `fmnist` preset (32x32 grey -> 8x8 tokens of 32 bits) on the Fashion-MNIST train split with the
+`bitdance tokenizer train` CLI, once with binary tokens and once with a product VQ (4 codebooks of 2^8 = 32
+bits), each under the same CPU time budget, then evaluates PSNR / SSIM / bit usage / code perplexity on the
+whole test split with `bitdance tokenizer eval --json`. Prints a table with the exact commands and wall
+times and writes `OUT/results.json`. Target: binary PSNR >= 26 dB with at most 30 minutes of CPU training.
+
+    python scripts/bench_tokenizer.py                      # both runs (about 2 x 30 min on 2 cores)
+    python scripts/bench_tokenizer.py --quantizers binary  # one run
+    python scripts/bench_tokenizer.py --dry-run            # print the commands only
+
+A run folder that already holds a checkpoint is resumed (the time budget counts across resumes); pass
+--fresh to start over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TARGET_PSNR = 26.0
+
+
+def bitdance_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("bitdance")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "bitdance.cli"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX folder")
+    p.add_argument("--out", default="runs/bench_tokenizer", help="output folder (one run folder per quantizer)")
+    p.add_argument("--quantizers", nargs="+", default=["binary", "vq"], choices=("binary", "vq"))
+    p.add_argument("--max-minutes", type=float, default=29.0, help="training time budget per run")
+    p.add_argument("--steps", type=int, default=15000, help="step cap (the time budget normally ends a run first)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=2000, help="in-training test PSNR (1000 images) every N steps")
+    p.add_argument("--eval-images", type=int, default=None, help="test images for the final eval (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fresh", action="store_true", help="delete earlier run folders first")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return p.parse_args(argv)
+
+
+def train_command(args, quantizer: str, run_dir: Path) -> list[str]:
+    return bitdance_cmd() + [
+        "tokenizer", "train", "--data", args.data, "--preset", "fmnist", "--quantizer", quantizer,
+        "--steps", str(args.steps), "--max-minutes", str(args.max_minutes), "--batch-size", str(args.batch_size),
+        "--lr", str(args.lr), "--warmup", str(args.warmup), "--eval-every", str(args.eval_every),
+        "--eval-images", "1000", "--sample-every", "1000", "--save-every", "500", "--device", args.device,
+        "--out", str(run_dir),
+    ]
+
+
+def eval_command(args, run_dir: Path) -> list[str]:
+    cmd = bitdance_cmd() + ["tokenizer", "eval", "--model", str(run_dir / "model"), "--data", args.data,
+                            "--split", "test", "--device", args.device, "--json"]
+    if args.eval_images:
+        cmd += ["--num-images", str(args.eval_images)]
+    return cmd
+
+
+def training_summary(run_dir: Path) -> dict:
+    """Steps and training minutes from the run's loss log (the checkpoint holds the same)."""
+    rows = [json.loads(x) for x in (run_dir / "losses.jsonl").read_text().splitlines() if x.strip()]
+    train = [r for r in rows if "loss" in r]
+    last = train[-1] if train else {}
+    return {"steps": last.get("step"), "train_minutes": last.get("train_minutes"),
+            "final_l1": last.get("l1"), "img_per_s": last.get("img_per_s"),
+            "eval_curve": [(r["step"], round(r["eval_psnr"], 3)) for r in rows if "eval_psnr" in r]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    results_path = out / "results.json"
+    results = {"target_psnr_db": TARGET_PSNR, "settings": vars(args), "runs": {}}
+    for q in args.quantizers:
+        run_dir = out / q
+        tcmd, ecmd = train_command(args, q, run_dir), eval_command(args, run_dir)
+        print(f"\n[{q}] train: {shlex.join(tcmd)}\n[{q}] eval:  {shlex.join(ecmd)}", flush=True)
+        if args.dry_run:
+            continue
+        if args.fresh and run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.time()
+        subprocess.run(tcmd, check=True)
+        train_wall = time.time() - t0
+        t0 = time.time()
+        proc = subprocess.run(ecmd, check=True, stdout=subprocess.PIPE, text=True)
+        eval_wall = time.time() - t0
+        metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["runs"][q] = {"train_command": shlex.join(tcmd), "eval_command": shlex.join(ecmd),
+                              "train_wall_s": round(train_wall, 1), "eval_wall_s": round(eval_wall, 1),
+                              **training_summary(run_dir), **metrics}
+        out.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")  # after each run: partial results survive
+    if args.dry_run:
+        return 0
+
+    print("\n| tokens | bits/token | steps | train min | train wall | test PSNR (dB) | SSIM | bit usage "
+          "| perplexity / group |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, r in results["runs"].items():
+        perp = ", ".join(f"{p:.0f}" for p in r["perplexity_per_group"])
+        print(f"| {q} | {r['bits_per_token']} | {r['steps']} | {r['train_minutes'] or 0:.1f} | {r['train_wall_s']:.0f} s "
+              f"| {r['psnr']:.2f} | {r['ssim']:.4f} | {r['bit_usage']:.3f} | {perp} (of {r['codebook_size_per_group']}) |")
+    for q, r in results["runs"].items():
+        print(f"{q}: {r['train_command']}")
+    if "binary" in results["runs"]:
+        r = results["runs"]["binary"]
+        ok = r["psnr"] >= TARGET_PSNR and (r["train_minutes"] or 0) <= 30.0
+        results["binary_meets_target"] = ok
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"binary target (PSNR >= {TARGET_PSNR} dB in <= 30 min of training): {'MET' if ok else 'NOT MET'} "
+              f"({r['psnr']:.2f} dB, {r['train_minutes'] or 0:.1f} min)")
+    print(f"results: {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
