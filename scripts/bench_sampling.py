@@ -1,0 +1,228 @@
+"""Sampling speed of next-patch decoding: parallel 1x / 4x / 16x at equal head (flow) steps, KV cache on and off.
+
+One small model (the `fmnist` preset: 8x8 grid of 32-bit tokens, so 64 / 16 / 4 AR steps), random init unless a
+trained pipeline folder is given (then only its own parallel is timed). For each batch size and parallel we time
+`sampling.generate` (tokens only; decoding is the same for every setting and is timed once), split the time into
+head vs backbone, count FLOPs per image, and check that the cache-free path gives the same tokens.
+
+    python scripts/bench_sampling.py                       # ~3-5 minutes on a 2-core CPU
+    python scripts/bench_sampling.py --batch-sizes 1 16 32 --head-steps 50 --threads 2 --out runs/bench_sampling
+
+Writes OUT/bench_sampling.json and OUT/bench_sampling.png (bar chart of images/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
+from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
+from bitdance.sampling import generate
+
+
+def build(parallel: int, seed: int = 0) -> BitDance:
+    """fmnist preset at random init; the head's zero-initialised output layers get small random weights so that
+    samples depend on the condition (timing is the same either way, the cache check is not)."""
+    torch.manual_seed(seed)
+    model = BitDance(BITDANCE_PRESETS["fmnist"](parallel=parallel)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+class Split:
+    """Wall time inside head.sample vs the backbone (prefill / decode_step / prefix_conditions), head net calls."""
+
+    def __init__(self, model: BitDance):
+        self.t = {"head": 0.0, "backbone": 0.0}
+        self.calls = 0
+        self.model = model
+        self._orig = {}
+        for name, key in (("sample", "head"),):
+            self._wrap(model.head, name, key)
+        for name in ("prefill", "decode_step", "prefix_conditions"):
+            self._wrap(model, name, "backbone")
+        net = model.head.net
+        fwd = net.forward
+
+        def counted(*a, **k):
+            self.calls += 1
+            return fwd(*a, **k)
+
+        self._orig[(net, "forward")] = fwd
+        net.forward = counted
+
+    def _wrap(self, obj, name, key):
+        fn = getattr(obj, name)
+        self._orig[(obj, name)] = fn
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            self.t[key] += time.perf_counter() - t0
+            return out
+
+        setattr(obj, name, timed)
+
+    def restore(self):
+        for (obj, name), _ in self._orig.items():
+            delattr(obj, name)  # drop the instance attribute; the class method shows through again
+
+
+def run_once(model, labels, head_steps, use_cache, seed=0, split=False):
+    s = Split(model) if split else None
+    t0 = time.perf_counter()
+    codes = generate(model, labels, num_steps=head_steps, generator=torch.Generator().manual_seed(seed),
+                     use_cache=use_cache, progress=False)
+    dt = time.perf_counter() - t0
+    if s is not None:
+        s.restore()
+    return codes, dt, s
+
+
+def flops_per_image(model, head_steps) -> dict:
+    """FLOPs of sampling one image (CFG on), head vs backbone; linear in head steps, so count 1 and 2 steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    labels = torch.zeros(1, dtype=torch.long)
+    counts = []
+    for n in (1, 2):
+        with FlopCounterMode(display=False) as fc:
+            generate(model, labels, num_steps=n, generator=torch.Generator().manual_seed(0), progress=False)
+        counts.append(fc.get_total_flops())
+    per_head_step = counts[1] - counts[0]  # one more net call (+ its update) at every AR step
+    total = counts[0] + (head_steps - 1) * per_head_step
+    head = (head_steps + 1) * per_head_step  # N stochastic steps + the final Euler step
+    return {"total_gflop": total / 1e9, "head_gflop": head / 1e9, "backbone_gflop": (total - head) / 1e9}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parallel", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="images per generate() call")
+    ap.add_argument("--head-steps", type=int, default=25, help="flow steps per AR step (equal for every P)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the fastest is kept)")
+    ap.add_argument("--no-cache-free", dest="cache_free", action="store_false", help="skip the cache-free runs")
+    ap.add_argument("--cache-free-batch", type=int, default=None,
+                    help="batch size for the cache-free runs (default: the largest of --batch-sizes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy "
+                    "2-core machine: spinning threads cost more than they give on these small matmuls)")
+    ap.add_argument("--out", default="runs/bench_sampling")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cf_batch = args.cache_free_batch or max(args.batch_sizes)
+    res = {"preset": "fmnist", "grid": [8, 8], "token_bits": 32, "head_steps": args.head_steps, "cfg": "on",
+           "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "runs": []}
+    t_start = time.time()
+
+    tok = ImageTokenizer(TOKENIZER_PRESETS["fmnist"]()).eval()
+    with torch.no_grad():
+        codes = torch.where(torch.randn(16, 32, 8, 8) > 0, 1.0, -1.0)
+        tok.decode(codes[:1])
+        t0 = time.perf_counter()
+        tok.decode(codes)
+        res["decode_16_images_s"] = round(time.perf_counter() - t0, 4)
+
+    for p in args.parallel:
+        model = build(p)
+        fl = flops_per_image(model, args.head_steps)
+        generate(model, torch.zeros(2, dtype=torch.long), num_steps=2, progress=False)  # warm-up
+        for b in args.batch_sizes:
+            labels = torch.arange(b) % model.config.num_classes
+            best, codes0 = None, None
+            for r in range(args.repeats):
+                codes, dt, split = run_once(model, labels, args.head_steps, True, seed=r, split=True)
+                codes0 = codes if r == 0 else codes0
+                if best is None or dt < best[1]:
+                    best = (dt, split)
+            dt, split = best
+            row = {"parallel": p, "ar_steps": model.config.num_steps, "batch": b, "cache": True,
+                   "seconds": round(dt, 3), "img_per_s": round(b / dt, 3),
+                   "head_s": round(split.t["head"], 3), "backbone_s": round(split.t["backbone"], 3),
+                   "head_net_calls": split.calls, "ms_per_head_call": round(1000 * split.t["head"] / split.calls, 3),
+                   **{k: round(v, 3) for k, v in fl.items()}}
+            print(f"P={p:2d} batch={b:3d} cached    {row['img_per_s']:8.2f} img/s  ({dt:6.2f} s; head "
+                  f"{row['head_s']:.2f} s in {split.calls} calls, backbone {row['backbone_s']:.2f} s; "
+                  f"{fl['total_gflop']:.2f} GFLOP/img, head {fl['head_gflop']:.2f})", flush=True)
+            res["runs"].append(row)
+            if args.cache_free and b == cf_batch:
+                nc_codes, nc_dt, nc_split = run_once(model, labels, args.head_steps, False, seed=0, split=True)
+                same = (nc_codes == codes0).float().mean()  # same seed: the paths make the same draws
+                res["runs"].append({"parallel": p, "ar_steps": model.config.num_steps, "batch": b, "cache": False,
+                                    "seconds": round(nc_dt, 3), "img_per_s": round(b / nc_dt, 3),
+                                    "head_s": round(nc_split.t["head"], 3),
+                                    "backbone_s": round(nc_split.t["backbone"], 3),
+                                    "same_tokens_as_cached": round(float(same), 6)})
+                print(f"P={p:2d} batch={b:3d} cache-free {b / nc_dt:7.2f} img/s  ({nc_dt:6.2f} s; backbone "
+                      f"{nc_split.t['backbone']:.2f} s); KV cache speed-up {nc_dt / dt:.2f}x; tokens equal to "
+                      f"cached: {float(same):.4f}", flush=True)
+
+    # ratios to 1x at the same batch size (cached)
+    cached = {(r["parallel"], r["batch"]): r for r in res["runs"] if r["cache"]}
+    print("\nspeed-up over 1x at equal head steps (cached):")
+    for (p, b), r in sorted(cached.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if (1, b) in cached:
+            r["speedup_vs_1x"] = round(r["img_per_s"] / cached[(1, b)]["img_per_s"], 2)
+            print(f"  batch {b:3d}  P={p:2d}: {r['speedup_vs_1x']:5.2f}x  ({r['img_per_s']:.2f} img/s)")
+    for r in res["runs"]:
+        if not r["cache"] and (r["parallel"], r["batch"]) in cached:
+            r["kv_cache_speedup"] = round(cached[(r["parallel"], r["batch"])]["img_per_s"] / r["img_per_s"], 2)
+    res["load_average_after"] = os.getloadavg()
+    res["wall_s"] = round(time.time() - t_start, 1)
+    res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    (out / "bench_sampling.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot(res, out / "bench_sampling.png")
+    print(f"\nwrote {out / 'bench_sampling.json'} and {out / 'bench_sampling.png'} ({res['wall_s']} s)")
+    return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in res["runs"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        rows = [r for r in res["runs"] if r["batch"] == b]
+        ps = sorted({r["parallel"] for r in rows})
+        xs = range(len(ps))
+        for off, cache, color in ((-0.2, True, "tab:blue"), (0.2, False, "tab:orange")):
+            vals = [next((r["img_per_s"] for r in rows if r["parallel"] == p and r["cache"] == cache), 0) for p in ps]
+            if any(vals):
+                bars = ax.bar([x + off for x in xs], vals, width=0.4, color=color,
+                              label="KV cache" if cache else "cache-free")
+                for bar, r in zip(bars, [next((r for r in rows if r["parallel"] == p and r["cache"] == cache), {})
+                                         for p in ps]):
+                    if r.get("speedup_vs_1x"):
+                        ax.annotate(f"{r['speedup_vs_1x']:.1f}x", (bar.get_x() + bar.get_width() / 2,
+                                    bar.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs), [f"{p}x" for p in ps])
+        ax.set_title(f"batch {b}, {res['head_steps']} head steps")
+        ax.set_ylabel("images / s")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"BitDance fmnist sampling, CPU ({res['threads']} thread(s)), CFG on")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`bitdance train` and `bitdance sample`: train a BitDance generator on a frozen tokenizer, sample from it.
+
+    bitdance train --tokenizer DIR --data PATH --preset NAME --parallel P --head {diffusion,bitwise} \
+        --steps N --out DIR [--batch-size B --lr LR --ema D --dtype T --compile ...]
+    torchrun --standalone --nproc_per_node=N -m bitdance.cli train ...        # DDP (gloo on CPU)
+    bitdance sample [--model DIR] [--class-label K ...] --num-images N --out FILE.png|FILE.npz
+
+Progress bars and logs go to stderr; stdout carries the result (the path written).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bitdance.utils import UserError
+
+
+def register(subparsers) -> None:
+    from bitdance.models.transformer import BITDANCE_PRESETS, PARALLEL_CHOICES
+    from bitdance.train import TrainConfig
+
+    d = TrainConfig()
+    t = subparsers.add_parser("train", help="train a BitDance generator on a tokenizer's cached codes",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = t.add_argument_group("data and model")
+    g.add_argument("--tokenizer", required=True, help="trained tokenizer folder (e.g. the model/ folder of "
+                   "`bitdance tokenizer train`, or a pipeline folder)")
+    g.add_argument("--data", required=True, help="image folder (class subfolders = classes; a flat folder trains "
+                   "an unconditional model) or a folder with the Fashion-MNIST IDX .gz files")
+    g.add_argument("--out", required=True, help="run folder (checkpoint, logs, sample grids; final pipeline in "
+                   "OUT/model); an existing OUT/checkpoint.pt is resumed")
+    g.add_argument("--preset", default=d.preset, choices=sorted(BITDANCE_PRESETS), help="backbone and head size")
+    g.add_argument("--parallel", type=int, default=d.parallel, choices=PARALLEL_CHOICES,
+                   help="tokens per AR step (a sqrt(P) x sqrt(P) patch)")
+    g.add_argument("--head", default=d.head, choices=("diffusion", "bitwise"), help="token head")
+    g.add_argument("--class-dropout", type=float, default=None, help="label dropout for CFG (default: preset's)")
+    g.add_argument("--perturb-rate", type=float, default=None, help="input bit-flip rate (default: preset's)")
+    g.add_argument("--hflip", action="store_true", help="horizontal-flip augmentation (encodes the data twice)")
+    g.add_argument("--token-cache", default=None, help="token cache file (default: OUT/tokens.safetensors)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over DDP ranks)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    g.add_argument("--ema", dest="ema_decay", type=float, default=d.ema_decay,
+                   help="EMA decay (warmed up as min(decay, (1+step)/(10+step)))")
+    g.add_argument("--no-ema-export", dest="export_ema", action="store_false",
+                   help="export the raw weights instead of the EMA")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed (initialisation, data order, noise)")
+    g = t.add_argument_group("sampling defaults saved with the model")
+    g.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: preset's)")
+    g.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"), help="guidance schedule")
+    g.add_argument("--sample-steps", dest="sampling_steps", type=int, default=None,
+                   help="head (flow) steps per AR step (default: preset's)")
+    g = t.add_argument_group("run")
+    g.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
+                   help="autocast dtype (bf16 is for GPUs: about 100x slower on CPUs without AMX)")
+    g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    g.add_argument("--sample-every", type=int, default=None,
+                   help="steps between EMA sample grids (default: with every checkpoint; 0: never)")
+    g.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help="grid columns")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many steps in this run (schedule keeps --steps); rerun to continue")
+    g.add_argument("--resume", default=None, help="checkpoint file or run folder to resume from "
+                   "(OUT/checkpoint.pt is resumed automatically)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    t.set_defaults(func=run_train)
+
+    s = subparsers.add_parser("sample", help="sample images: a PNG grid (a row per class) or an ADM .npz")
+    s.add_argument("--model", default="builtin", help="pipeline folder (OUT/model of `bitdance train`, or the "
+                   "run folder) or 'builtin' (default)")
+    s.add_argument("--class-label", nargs="+", default=None, metavar="K",
+                   help="class ids or names (default: every class)")
+    s.add_argument("--num-images", type=int, default=8, help="images per class label")
+    s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (arr_0 uint8 NHWC, arr_1 labels)")
+    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's; 1 = off)")
+    s.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"),
+                   help="guidance schedule over AR steps (default: the model's)")
+    s.add_argument("--steps", type=int, default=None, help="head (flow) steps per AR step (default: the model's)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
+    s.add_argument("--scale", type=int, default=None, help="PNG upscale factor (default: tiles to ~64 px)")
+    s.add_argument("--rgb", action="store_true", help=".npz: repeat grey images to 3 channels (ADM evaluator)")
+    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    s.set_defaults(func=run_sample)
+
+
+# ----------------------------------------------------------------------------------------------
+# Handlers
+# ----------------------------------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    from dataclasses import fields
+
+    from bitdance.train import TrainConfig, run
+
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    print(run(cfg))
+    return 0
+
+
+def run_sample(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from bitdance.pipeline import BitDancePipeline
+    from bitdance.utils import resolve_device, save_image_grid
+
+    out = Path(args.out)
+    kind = out.suffix.lower()
+    if kind not in (".png", ".npz"):
+        raise UserError(f"--out must end in .png (grid) or .npz (sample set), got {out.name}")
+    if args.num_images < 1:
+        raise UserError("--num-images must be at least 1")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if args.cfg is not None and args.cfg < 1:
+        raise UserError(f"--cfg: the cfg scale must be >= 1 (1 turns guidance off), got {args.cfg}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    device = resolve_device(args.device)
+    pipe = BitDancePipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
+    classes = pipe.class_ids(args.class_label) if args.class_label else list(range(pipe.num_classes))
+    labels = [c for c in classes for _ in range(args.num_images)]  # label order, num_images each
+
+    images = []
+    bar = tqdm(total=len(labels), desc="sampling", unit="img", disable=not args.progress)
+    for start in range(0, len(labels), args.batch_size):
+        # a generator per batch seeded by the first global index: no two batches share noise
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + start)
+        batch = pipe(class_labels=labels[start:start + args.batch_size], num_inference_steps=args.steps,
+                     guidance_scale=args.cfg, cfg_schedule=args.cfg_schedule, generator=gen, output_type="pt",
+                     progress=args.progress)
+        images.append(batch.images)  # (b, c, H, W) in [-1, 1]
+        bar.update(batch.images.shape[0])
+    bar.close()
+    images = torch.cat(images)
+
+    if kind == ".npz":
+        from bitdance.evaluation.npz import save_npz
+        from bitdance.utils import to_uint8
+
+        save_npz(out, to_uint8(images).numpy(), labels, rgb=args.rgb)
+    else:
+        scale = args.scale or max(1, 64 // images.shape[-1])
+        save_image_grid(images, out, nrow=args.num_images, row_labels=[pipe.class_names[c] for c in classes],
+                        scale=scale)
+    print(out)
+    return 0

@@ -1,0 +1,205 @@
+"""BitDancePipeline: a frozen tokenizer + a `BitDance` generator, class labels in, images out.
+
+A pipeline folder (diffusers layout, written by `save_pretrained`, read by `from_pretrained`):
+
+    model_index.json   {"_class_name": "BitDancePipeline", "tokenizer": [...], "generator": [...], "class_names": [...]}
+    tokenizer/         ImageTokenizer.save_pretrained (config.json + model.safetensors)
+    generator/         BitDance.save_pretrained (EMA weights after training)
+
+    pipe = BitDancePipeline.from_pretrained("runs/gen/model")        # or "builtin"
+    out = pipe(class_labels=[0, 1, 2], generator=torch.Generator().manual_seed(0))
+    out.images  # PIL images | uint8 (n, H, W, c) | float (n, c, H, W) in [-1, 1]
+
+None sampling arguments take the generator's saved defaults (cfg scale, schedule, head steps).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitdance.models.autoencoder import ImageTokenizer
+from bitdance.models.transformer import BitDance
+from bitdance.sampling import generate
+from bitdance.utils import UserError, autocast, read_json, resolve_dtype, to_uint8, write_json
+
+MODEL_INDEX = "model_index.json"
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class ImageOutput:
+    images: Any  # list of PIL images | np.ndarray uint8 (n, H, W, c) | torch.Tensor (n, c, H, W) in [-1, 1]
+
+
+def builtin_path() -> Path:
+    """Folder of the built-in model shipped as package data (it may not exist)."""
+    return Path(str(importlib.resources.files("bitdance") / "builtin"))
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """'builtin' -> the packaged model; a training run folder -> its `model/`; else the folder itself."""
+    if str(path) == "builtin":
+        p = builtin_path()
+        if not (p / MODEL_INDEX).is_file():
+            raise UserError("the built-in model is not installed in this copy of bitdance; pass --model DIR "
+                            "(a folder written by `bitdance train`, e.g. runs/gen/model)")
+        return p
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model folder not found: {p}")
+    if not (p / MODEL_INDEX).is_file() and (p / "model" / MODEL_INDEX).is_file():
+        p = p / "model"  # a training run folder was given
+    if not (p / MODEL_INDEX).is_file():
+        raise UserError(f"{p} is not a BitDance pipeline folder (no {MODEL_INDEX}; expected tokenizer/ + generator/)")
+    return p
+
+
+def decode_codes(tokenizer: ImageTokenizer, codes: torch.Tensor, generator: torch.Generator | None = None):
+    """±1 token codes (b, k, h, w) -> images (b, c, H, W). A VQ tokenizer's tokens are its index bits."""
+    if tokenizer.config.quantizer == "vq":
+        from bitdance.models.quantizer import bits_to_indices
+
+        return tokenizer.decode_indices(bits_to_indices(codes, tokenizer.config.group_size), generator=generator)
+    return tokenizer.decode(codes, generator=generator)
+
+
+def check_compatible(tokenizer: ImageTokenizer, model: BitDance, where: str = "pipeline") -> None:
+    """The generator's tokens must have the tokenizer's bits per token (any grid decodes: the decoder is
+    convolutional, images are grid x downsampling factor)."""
+    tc, mc = tokenizer.config, model.config
+    if mc.token_bits != tc.z_channels:
+        raise UserError(f"{where}: generator uses {mc.token_bits}-bit tokens, tokenizer gives {tc.z_channels}")
+
+
+class BitDancePipeline:
+    """Class-conditional image generation: `BitDance` samples ±1 token codes, the tokenizer decodes them."""
+
+    def __init__(self, tokenizer: ImageTokenizer, model: BitDance, class_names: list[str] | None = None,
+                 dtype: str | torch.dtype = "float32"):
+        check_compatible(tokenizer, model)
+        self.tokenizer = tokenizer.eval()
+        self.model = model.eval()
+        n = model.config.num_classes
+        names = list(class_names) if class_names else [str(i) for i in range(n)]
+        if len(names) != n:
+            raise UserError(f"{len(names)} class names for a generator with {n} classes")
+        self.class_names = names
+        self.dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+
+    # -- loading and saving ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike = "builtin", device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "float32") -> "BitDancePipeline":
+        """Load a pipeline folder (or "builtin", or a training run folder holding `model/`). Fully offline."""
+        root = resolve_model_path(path)
+        index = read_json(root / MODEL_INDEX)
+        if not isinstance(index, dict) or index.get("_class_name") != cls.__name__:
+            raise UserError(f"{root / MODEL_INDEX} does not describe a {cls.__name__}")
+        for sub in ("tokenizer", "generator"):
+            if not (root / sub).is_dir():
+                raise UserError(f"{root} has no {sub}/ folder")
+        tokenizer = ImageTokenizer.from_pretrained(root / "tokenizer", device=device)
+        model = BitDance.from_pretrained(root / "generator", device=device)
+        check_compatible(tokenizer, model, where=str(root))
+        return cls(tokenizer, model, index.get("class_names"), dtype=dtype)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.model.save_pretrained(directory / "generator")
+        h, w = self.image_size
+        write_json({"_class_name": type(self).__name__,
+                    "tokenizer": ["bitdance", type(self.tokenizer).__name__],
+                    "generator": ["bitdance", type(self.model).__name__],
+                    "class_names": self.class_names, "image_size": [h, w],
+                    "channels": self.tokenizer.config.out_channels}, directory / MODEL_INDEX)
+        return directory
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+        """Move both components; `dtype` sets the autocast dtype (weights stay fp32). Returns self."""
+        if device is not None:
+            self.tokenizer.to(device)
+            self.model.to(device)
+        if dtype is not None:
+            self.dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
+        return self
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.model.config.grid_size
+        f = self.tokenizer.config.downsample_factor
+        return h * f, w * f
+
+    def class_ids(self, labels) -> list[int]:
+        """Class ids from ints or class names (case-insensitive); UserError on an unknown one."""
+        if isinstance(labels, (int, str)) or (torch.is_tensor(labels) and labels.dim() == 0):
+            labels = [labels]
+        lookup = {name.lower(): i for i, name in enumerate(self.class_names)}
+        ids = []
+        for lab in labels:
+            if torch.is_tensor(lab):
+                lab = int(lab)
+            if isinstance(lab, str) and not lab.lstrip("-").isdigit():
+                if lab.lower() not in lookup:
+                    raise UserError(f"unknown class {lab!r}; classes: {', '.join(self.class_names)}")
+                lab = lookup[lab.lower()]
+            lab = int(lab)
+            if not 0 <= lab < self.num_classes:
+                raise UserError(f"class label {lab} is out of range 0..{self.num_classes - 1}")
+            ids.append(lab)
+        return ids
+
+    # -- generation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "pil", progress: bool = True, return_dict: bool = True,
+                 cfg_schedule: str | None = None, use_cache: bool = True):
+        """One image per class label (ids or names; None: one per class). The generator must live on the
+        pipeline's device. num_inference_steps = head (flow) steps per AR step."""
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        ids = list(range(self.num_classes)) if class_labels is None else self.class_ids(class_labels)
+        if not ids:
+            raise UserError("no class labels given")
+        device = self.device
+        labels = torch.tensor(ids, dtype=torch.long, device=device)  # (b,)
+        with autocast(device, self.dtype):
+            codes = generate(self.model, labels, num_steps=num_inference_steps, cfg_scale=guidance_scale,
+                             cfg_schedule=cfg_schedule, generator=generator, use_cache=use_cache,
+                             progress=progress)  # (b, k, h, w)
+            images = decode_codes(self.tokenizer, codes, generator=generator)  # (b, c, H, W)
+        images = images.float().clamp(-1, 1).cpu()
+        if output_type == "pt":
+            out = images
+        elif output_type == "np":
+            out = to_uint8(images).numpy()  # (b, H, W, c)
+        else:
+            out = to_pil(images)
+        return ImageOutput(images=out) if return_dict else (out,)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(n, c, H, W) in [-1, 1] -> PIL images ('L' for one channel, 'RGB' for three)."""
+    from PIL import Image
+
+    arr = to_uint8(images).numpy()  # (n, H, W, c)
+    return [Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a, "RGB") for a in arr]

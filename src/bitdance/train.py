@@ -1,0 +1,475 @@
+"""Generator training: `run(TrainConfig) -> Path` of the exported pipeline folder (`bitdance train`).
+
+The frozen tokenizer encodes the data set once; the codes are cached as int8 (out/tokens.safetensors) and the
+AR model trains on them, so no step ever runs the encoder. Recipe (ref §3.1): AdamW betas (0.9, 0.95), weight
+decay 0.05 except `proj_in`, `cls_embedding`, `query_token` and parameters with ndim < 2; linear warmup + cosine
+to min_lr; grad clip 1.0; EMA; label dropout and input bit flips inside the model; optional horizontal flips
+(flipped IMAGES are encoded into a second cache; each sample picks a version at random).
+
+Run folder:
+    config.json          train + model config, world size, data summary, class names
+    checkpoint.pt        model / ema / optimizer / step / config (plain dict; weights_only loadable); auto-resumed
+    losses.jsonl         one line per log interval; loss_curve.png
+    samples/             EMA sample grids (a row per class) at each checkpoint; samples.png = the latest
+    tokens*.safetensors  the token cache
+    log.txt              the log
+    model/               final export: tokenizer/ + generator/ (EMA weights) + model_index.json
+
+Randomness: step s on rank r draws from a generator seeded (seed * world + r) * 1_000_003 + s, so a resumed run
+repeats exactly the draws it would have made without stopping.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bitdance.data import ImageDataset, InfiniteBatches, encode_dataset, load_dataset, tokenizer_fingerprint
+from bitdance.models.autoencoder import ImageTokenizer
+from bitdance.models.transformer import BITDANCE_PRESETS, BitDance, BitDanceConfig
+from bitdance.pipeline import BitDancePipeline, decode_codes
+from bitdance.sampling import generate
+from bitdance.utils import (
+    UserError,
+    autocast,
+    barrier,
+    check_finite,
+    cleanup_distributed,
+    cosine_lr,
+    get_logger,
+    init_distributed,
+    load_checkpoint,
+    plot_curves,
+    resolve_dtype,
+    save_checkpoint,
+    save_image_grid,
+    update_ema,
+    write_json,
+)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+NO_DECAY = ("proj_in", "cls_embedding", "query_token")  # official: no weight decay for these (ref §3.1)
+
+
+@dataclass
+class TrainConfig:
+    tokenizer: str = ""  # tokenizer folder (save_pretrained output, a tokenizer run folder or a pipeline folder)
+    data: str = ""  # image folder (class subfolders or flat) or Fashion-MNIST IDX folder
+    out: str = "runs/gen"
+    preset: str = "fmnist"
+    parallel: int = 1  # tokens per AR step (1, 4, 16, 64)
+    head: str = "diffusion"  # "diffusion" | "bitwise"
+    steps: int = 4000
+    batch_size: int = 64  # global; per rank = batch_size / world size
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 200
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # warmed up: min(decay, (1 + step) / (10 + step))
+    export_ema: bool = True
+    # model overrides (None: the preset's); saved with the generator
+    class_dropout: float | None = None
+    perturb_rate: float | None = None
+    cfg_scale: float | None = None  # default guidance scale for sampling
+    cfg_schedule: str | None = None
+    sampling_steps: int | None = None  # default head steps for sampling
+    hflip: bool = False
+    token_cache: str | None = None  # default: out/tokens.safetensors
+    encode_batch_size: int = 256
+    dtype: str = "float32"
+    device: str | None = None
+    compile: bool = False
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 25
+    save_every: int = 500
+    sample_every: int | None = None  # None: with every checkpoint
+    samples_per_class: int = 8
+    max_grid_classes: int = 10
+    stop_after: int | None = None  # stop (and save) after this many steps in this invocation; the schedule keeps --steps
+    resume: str | None = None  # checkpoint file or run folder; out/checkpoint.pt is resumed automatically
+    progress: bool = True
+
+
+def run(config: TrainConfig) -> Path:
+    """Train a BitDance generator on a frozen tokenizer's codes; returns `out/model` (the pipeline folder)."""
+    info = init_distributed(config.device)
+    try:
+        return _train(config, Path(config.out), info)
+    finally:
+        cleanup_distributed(info)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(cfg: TrainConfig, world: int) -> None:
+    if not cfg.tokenizer:
+        raise UserError("no tokenizer given (--tokenizer DIR, e.g. the model/ folder of `bitdance tokenizer train`)")
+    if not cfg.data:
+        raise UserError("no training data given (--data PATH)")
+    if cfg.preset not in BITDANCE_PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(BITDANCE_PRESETS)}")
+    if cfg.steps < 1:
+        raise UserError("--steps must be at least 1")
+    if cfg.batch_size < 1 or cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size} must be a positive multiple of the world size {world}")
+    if cfg.save_every < 1 or cfg.log_every < 1 or (cfg.sample_every is not None and cfg.sample_every < 0):
+        raise UserError("--save-every and --log-every must be at least 1, --sample-every at least 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise UserError(f"--ema must be in [0, 1), got {cfg.ema_decay}")
+    resolve_dtype(cfg.dtype)
+
+
+def load_tokenizer(path: str | Path, device) -> ImageTokenizer:
+    """A tokenizer folder, a tokenizer run folder (holding model/) or a pipeline folder (holding tokenizer/)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"tokenizer folder not found: {p}")
+    for cand in (p, p / "model", p / "tokenizer", p / "model" / "tokenizer"):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return ImageTokenizer.from_pretrained(cand, device=device).eval().requires_grad_(False)
+    raise UserError(f"{p} holds no saved tokenizer (config.json + model.safetensors)")
+
+
+class FlippedImages(ImageDataset):
+    """The same images mirrored left-right (the second token cache of --hflip)."""
+
+    def __init__(self, base: ImageDataset):
+        self.base = base
+        self.resolution, self.channels = base.resolution, base.channels
+        self.class_names, self.source = base.class_names, f"{base.source} (hflip)"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def get_batch(self, indices):
+        images, labels = self.base.get_batch(indices)
+        return images.flip(-1), labels  # (b, c, H, W)
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint() + "-hflip"
+
+
+class TokenSet:
+    """Cached tokens for `InfiniteBatches`: get_batch -> (int8 (b, v, n, k) raster tokens, v versions; labels)."""
+
+    def __init__(self, versions: list[torch.Tensor], labels: torch.Tensor):
+        self.tokens = torch.stack(versions, dim=1)  # (N, v, n, k) int8
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def get_batch(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.tokens[idx], self.labels[idx]
+
+
+def codes_to_tokens(codes: torch.Tensor) -> torch.Tensor:
+    """(N, k, h, w) -> (N, h*w, k) raster order, dtype kept (int8 in the cache)."""
+    return codes.flatten(2).transpose(1, 2).contiguous()
+
+
+def _encode(tokenizer, dataset, cfg: TrainConfig, out: Path, info, logger):
+    """Encode once on rank 0 (cached), then the other ranks read the cache. Returns (versions, labels)."""
+    cache = Path(cfg.token_cache) if cfg.token_cache else out / "tokens.safetensors"
+    sets = [(dataset, cache)]
+    if cfg.hflip:
+        sets.append((FlippedImages(dataset), cache.with_name(cache.stem + "_hflip" + cache.suffix)))
+    versions, labels = [], None
+    for turn in ("main", "others"):  # rank 0 writes the caches before anyone else reads them
+        if (turn == "main") == info.is_main:
+            for ds, path in sets:
+                codes, labels = encode_dataset(tokenizer, ds, cfg.encode_batch_size, info.device, path,
+                                               progress=info.is_main and cfg.progress)
+                versions.append(codes_to_tokens(codes))  # (N, n, k) int8
+        barrier(info)
+    logger.info("tokens: %d images x %d versions, %s", len(labels), len(versions), cache)
+    return versions, labels
+
+
+def _classes(dataset, labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Labels 0..C-1 and class names; a flat unlabelled folder is one class (unconditional)."""
+    if (labels < 0).any():
+        return torch.zeros_like(labels), ["image"]
+    names = list(dataset.class_names or [])
+    top = int(labels.max()) + 1
+    if len(names) < top:
+        names += [str(i) for i in range(len(names), top)]
+    return labels, names
+
+
+def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes: int) -> BitDanceConfig:
+    tc = tokenizer.config
+    overrides = dict(num_classes=num_classes, token_bits=tc.z_channels, grid_size=tc.token_grid())
+    if num_classes == 1:
+        # unconditional: nothing to drop and nothing to guide towards (DiT's recipe for one class)
+        overrides.update(class_dropout=0.0, cfg_scale=1.0)
+    for field, value in (("class_dropout", cfg.class_dropout), ("perturb_rate", cfg.perturb_rate),
+                         ("cfg_scale", cfg.cfg_scale), ("cfg_schedule", cfg.cfg_schedule),
+                         ("num_sampling_steps", cfg.sampling_steps)):
+        if value is not None:
+            overrides[field] = value
+    return BITDANCE_PRESETS[cfg.preset](parallel=cfg.parallel, head=cfg.head, **overrides)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Official decay split: no decay for proj_in, cls_embedding, query_token and any parameter with ndim < 2."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.split(".")[0] in NO_DECAY else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def ema_decay_at(base: float, step: int) -> float:
+    # short CPU runs: a fixed 0.9999 would still be mostly the random init after a few thousand steps
+    return min(base, (1.0 + step) / (10.0 + step))
+
+
+def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    if cfg.resume:
+        p = Path(cfg.resume)
+        p = p / CHECKPOINT_NAME if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"--resume: no checkpoint at {p}")
+        return p
+    own = out / CHECKPOINT_NAME
+    return own if own.is_file() else None
+
+
+def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> int:
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or not {"model", "ema", "optimizer", "step"} <= set(state):
+        raise UserError(f"{path} is not a bitdance generator training checkpoint")
+    saved = state.get("model_config", {})
+    mine = asdict(model_cfg)
+    diff = [k for k in mine if k in saved and _plain(saved[k]) != _plain(mine[k])]
+    if diff:
+        raise UserError(f"{path} was trained with another model config ({', '.join(diff)} differ); "
+                        "use a new --out folder or the same --preset/--parallel/--head")
+    if state.get("tokenizer_fingerprint") not in (None, tok_key):
+        raise UserError(f"{path} was trained on another tokenizer's codes; use a new --out folder")
+    try:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
+    return int(state["step"])
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+class LossLog:
+    """losses.jsonl on rank 0; on resume, rows from beyond the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, start_step: int, enabled: bool):
+        self.path, self.enabled, self.rows = path, enabled, []
+        if enabled and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+                if row.get("step", 0) <= start_step:
+                    self.rows.append(row)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            self.rows.append(row)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self, out: Path) -> None:
+        if self.enabled and self.rows:
+            plot_curves({"loss": [(r["step"], r["loss"]) for r in self.rows]}, out / "loss_curve.png",
+                        title="generator training loss")
+
+
+def _all_finite(loss: torch.Tensor, step: int, info) -> None:
+    """Every rank stops together: a NaN on one rank must not leave the others waiting in all-reduce."""
+    bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+    if info.enabled:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    check_finite(loss if bad.item() == 0 else torch.tensor(float("nan")), step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _train(cfg: TrainConfig, out: Path, info) -> Path:
+    # -- setup ---------------------------------------------------------------------------------
+    _validate(cfg, info.world_size)
+    device, main = info.device, info.is_main
+    local_batch = cfg.batch_size // info.world_size
+    logger = get_logger(out if main else None, is_main=main, name="bitdance.train")
+    tokenizer = load_tokenizer(cfg.tokenizer, device)
+    tok_key = tokenizer_fingerprint(tokenizer)
+
+    # -- data: encode once, train on cached ±1 codes ------------------------------------------------
+    dataset = load_dataset(cfg.data, tokenizer.config.resolution, tokenizer.config.in_channels, split="train")
+    logger.info("data: %s, %d images at %dx%d%s", dataset.source, len(dataset), dataset.resolution,
+                dataset.resolution, f", {dataset.skipped} unreadable skipped" if dataset.skipped else "")
+    versions, labels = _encode(tokenizer, dataset, cfg, out, info, logger)
+    labels, class_names = _classes(dataset, labels)
+    tokens = TokenSet(versions, labels)
+
+    # -- model and EMA --------------------------------------------------------------------------
+    model_cfg = build_model_config(cfg, tokenizer, len(class_names))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = BitDance(model_cfg).to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing  # a run setting, not saved with the model
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # -- optimizer and resume -----------------------------------------------------------------------
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    step = 0
+    ckpt = _find_resume(cfg, out)
+    if ckpt is not None:
+        step = _restore(ckpt, model_cfg, tok_key, model, ema, opt)
+        logger.info("resumed from %s at step %d", ckpt, step)
+    if main:
+        write_json({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": info.world_size,
+                    "tokenizer_fingerprint": tok_key, "class_names": class_names,
+                    "data": {"source": dataset.source, "num_images": len(dataset), "skipped": dataset.skipped}},
+                   out / "config.json")
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("BitDance %s %dx (%s head), %.2f M parameters, %d classes, %dx%d tokens of %d bits; "
+                "%d steps, batch %d (%d per rank x %d)", cfg.preset, cfg.parallel, cfg.head, n_params / 1e6,
+                len(class_names), *model_cfg.grid_size, model_cfg.token_bits, cfg.steps, cfg.batch_size,
+                local_batch, info.world_size)
+
+    net = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(model)
+    if cfg.compile:
+        net = torch.compile(net)  # checkpoints always hold the unwrapped `model`
+    batches = InfiniteBatches(tokens, local_batch, info.rank, info.world_size, cfg.seed, start_step=step)
+    log = LossLog(out / "losses.jsonl", step, main)
+    gen = torch.Generator(device=device)
+    grid_gen_seed = cfg.seed
+
+    def save(at_step: int) -> None:
+        if main:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     "step": at_step, "config": asdict(cfg), "model_config": asdict(model_cfg),
+                     "class_names": class_names, "tokenizer_fingerprint": tok_key}
+            save_checkpoint(state, out / CHECKPOINT_NAME)
+            log.plot(out)
+
+    def sample_grid(at_step: int) -> None:
+        if main:
+            path = save_grid(ema, tokenizer, class_names, out / "samples" / f"step_{at_step:07d}.png",
+                             cfg.samples_per_class, cfg.max_grid_classes, grid_gen_seed)
+            (out / "samples.png").write_bytes(path.read_bytes())
+
+    # -- loop ---------------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not (main and cfg.progress),
+               dynamic_ncols=True)
+    sample_every = cfg.save_every if cfg.sample_every is None else cfg.sample_every
+    last = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
+    loss_sum, n_since, t0 = torch.zeros((), device=device), 0, time.time()
+    model.train()
+    try:
+        while step < last:
+            lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            gen.manual_seed((cfg.seed * info.world_size + info.rank) * 1_000_003 + step)
+            x, y = next(batches)  # (b, v, n, k) int8, (b,)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if x.shape[1] > 1:  # --hflip: each sample picks the original or the mirrored image's tokens
+                pick = torch.randint(0, x.shape[1], (x.shape[0],), generator=gen, device=device)
+                x = x[torch.arange(x.shape[0], device=device), pick]  # (b, n, k)
+            else:
+                x = x[:, 0]
+            x = x.float()  # ±1
+
+            with autocast(device, cfg.dtype):
+                loss = net(x, y, generator=gen)
+            loss = loss.float()
+            _all_finite(loss, step + 1, info)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
+            opt.step()
+            update_ema(ema, model, ema_decay_at(cfg.ema_decay, step))
+            step += 1
+            n_since += 1
+            loss_sum += loss.detach()
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == last:
+                mean = loss_sum / n_since
+                if info.enabled:
+                    dist.all_reduce(mean)  # the global-batch loss: mean over ranks of per-rank means
+                    mean = mean / info.world_size
+                dt = time.time() - t0
+                row = {"step": step, "loss": round(float(mean), 6), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                       "img_per_s": round(n_since * cfg.batch_size / max(dt, 1e-9), 1)}
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if not cfg.progress:
+                    logger.info("step %d: loss %.4f, lr %.2e, %.1f img/s", step, row["loss"], lr, row["img_per_s"])
+                loss_sum.zero_()
+                n_since, t0 = 0, time.time()
+            t_pause = time.time()
+            if step % cfg.save_every == 0 or step == last:
+                save(step)
+            if sample_every and (step % sample_every == 0 or step == cfg.steps):
+                sample_grid(step)
+            if step % cfg.save_every == 0 or step == last:
+                barrier(info)
+            t0 += time.time() - t_pause  # img/s counts training only
+    finally:
+        bar.close()
+
+    # -- export -----------------------------------------------------------------------------------
+    if step < cfg.steps:
+        logger.info("stopped at step %d of %d (--stop-after); run again to continue", step, cfg.steps)
+        return out / CHECKPOINT_NAME
+    if main:
+        export = ema if cfg.export_ema else model
+        BitDancePipeline(tokenizer, copy.deepcopy(export).eval(), class_names).save_pretrained(out / "model")
+        logger.info("exported %s weights to %s", "EMA" if cfg.export_ema else "raw", out / "model")
+    barrier(info)
+    return out / "model"
+
+
+@torch.no_grad()
+def save_grid(model: BitDance, tokenizer: ImageTokenizer, class_names: list[str], path: Path,
+              per_class: int = 8, max_classes: int = 10, seed: int = 0) -> Path:
+    """Sample `per_class` images for up to `max_classes` evenly spaced classes; one labelled row per class."""
+    n = len(class_names)
+    classes = torch.linspace(0, n - 1, min(n, max_classes)).round().long().unique()
+    device = model.norm.weight.device
+    labels = classes.repeat_interleave(per_class).to(device)  # (rows * per_class,)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = generate(model, labels, generator=gen, progress=False)  # (b, k, h, w)
+    images = decode_codes(tokenizer, codes, generator=gen).float().clamp(-1, 1).cpu()  # (b, c, H, W)
+    scale = max(1, 64 // images.shape[-1])
+    return save_image_grid(images, path, nrow=per_class, row_labels=[class_names[int(c)] for c in classes],
+                           scale=scale)
+

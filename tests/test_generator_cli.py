@@ -1,0 +1,104 @@
+"""`bitdance train` then `bitdance sample` (PNG grid and ADM .npz) end to end, and the error paths."""
+
+import numpy as np
+import pytest
+import torch
+
+import bitdance.pipeline as pl
+from bitdance.cli import main
+from bitdance.data import SyntheticImages
+from bitdance.evaluation.npz import load_npz
+from bitdance.models.autoencoder import ImageTokenizer, TokenizerConfig
+
+CLASSES = ["circle", "diamond", "ring", "square"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train a tiny 4x generator for a few steps through the CLI; returns (run folder, tokenizer, data)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("cli")
+    ds = SyntheticImages(8, 16, 3, num_classes=4, seed=0)
+    for i in range(8):
+        d = root / "data" / ds.class_names[int(ds.labels[i])]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.images[i].permute(1, 2, 0).numpy()).save(d / f"{i}.png")
+    torch.manual_seed(0)
+    tok = ImageTokenizer(TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, resolution=16))
+    tok.save_pretrained(root / "tok")
+    out = root / "run"
+    assert main(["train", "--tokenizer", str(root / "tok"), "--data", str(root / "data"), "--preset", "tiny",
+                 "--parallel", "4", "--head", "diffusion", "--steps", "8", "--out", str(out), "--batch-size", "8",
+                 "--lr", "3e-3", "--warmup", "2", "--ema", "0.99", "--save-every", "8", "--samples-per-class", "2",
+                 "--sample-steps", "3", "--cfg", "2.5", "--no-progress"]) == 0
+    return out, root / "tok", root / "data"
+
+
+def test_train_writes_a_pipeline_with_the_flags(trained):
+    out, _, _ = trained
+    pipe = pl.BitDancePipeline.from_pretrained(out / "model")
+    c = pipe.model.config
+    assert (c.parallel, c.head, c.num_sampling_steps, c.cfg_scale) == (4, "diffusion", 3, 2.5)
+    assert pipe.class_names == CLASSES
+    assert (out / "samples.png").is_file() and (out / "losses.jsonl").is_file()
+
+
+def test_sample_png_grid(trained, tmp_path, capsys):
+    from PIL import Image
+
+    out, _, _ = trained
+    png = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(out), "--class-label", "ring", "0", "--num-images", "3",
+                 "--out", str(png), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(png)
+    grid = Image.open(png)
+    assert grid.height == (2 * (16 + 2) + 2) * 4  # two rows (one per label) of 16 px tiles, upscaled to 64 px
+
+
+def test_sample_npz_is_reproducible_and_in_label_order(trained, tmp_path):
+    out, _, _ = trained
+    args = ["sample", "--model", str(out / "model"), "--num-images", "2", "--batch-size", "3", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.npz")]) == 0
+    images, labels = load_npz(tmp_path / "a.npz")
+    assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8  # every class, 2 each
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert main([*args, "--out", str(tmp_path / "b.npz")]) == 0
+    assert np.array_equal(load_npz(tmp_path / "b.npz")[0], images)  # same seed, same images
+    assert main([*args, "--out", str(tmp_path / "c.npz"), "--seed", "1", "--steps", "2", "--cfg", "1"]) == 0
+    assert not np.array_equal(load_npz(tmp_path / "c.npz")[0], images)
+
+
+def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
+    out, _, _ = trained
+    monkeypatch.setattr(pl, "builtin_path", lambda: tmp_path / "no_builtin")
+    cases = [
+        (["sample", "--out", str(tmp_path / "x.png")], "built-in model is not installed"),
+        (["sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")], "model folder not found"),
+        (["sample", "--model", str(tmp_path), "--out", str(tmp_path / "x.png")], "not a BitDance pipeline folder"),
+        (["sample", "--model", str(out), "--out", str(tmp_path / "x.jpg")], "must end in .png"),
+        (["sample", "--model", str(out), "--class-label", "blob", "--out", str(tmp_path / "x.png")], "unknown class"),
+        (["sample", "--model", str(out), "--class-label", "7", "--out", str(tmp_path / "x.png")], "out of range"),
+        (["sample", "--model", str(out), "--num-images", "0", "--out", str(tmp_path / "x.png")], "--num-images"),
+        (["sample", "--model", str(out), "--cfg", "0.5", "--out", str(tmp_path / "x.png")], "cfg scale"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bitdance: error:") and message in err and "\n" not in err, (argv, err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_train_errors(trained, tmp_path, capsys):
+    _, tok, data = trained
+    base = ["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--no-progress"]
+    for argv, message in [
+        ([*base, "--tokenizer", str(tmp_path / "nope"), "--data", str(data)], "tokenizer folder not found"),
+        ([*base, "--tokenizer", str(tok), "--data", str(tmp_path / "nope")], "data path not found"),
+        ([*base, "--tokenizer", str(data), "--data", str(data)], "holds no saved tokenizer"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: an unknown head
+        main([*base, "--tokenizer", str(tok), "--data", str(data), "--head", "mlp"])
+    assert e.value.code == 2
