@@ -424,19 +424,19 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
         done = out.with_suffix(".json")
         if out.is_file() and done.is_file() and {k: read_json(done).get(k) for k in settings} == settings:
             return out if info.is_main else None  # finished earlier with the same settings
+        if sidecar.is_file() and (old := read_json(sidecar)) != settings:  # every rank refuses alike
+            diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            raise UserError(f"{chunk_dir} was sampled with other settings ({'; '.join(diff[:3])}); "
+                            "use another --out or delete that folder")
         if info.is_main:
-            if sidecar.is_file() and read_json(sidecar) != settings:
-                old = read_json(sidecar)
-                diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-                raise UserError(f"{chunk_dir} was sampled with other settings ({'; '.join(diff[:3])}); "
-                                "use another --out or delete that folder")
             chunk_dir.mkdir(parents=True, exist_ok=True)
             write_json(settings, sidecar)
         barrier(info)
 
         starts = range(0, total, cfg.batch_size)
-        # every rank lists the same missing chunks (nothing is written between the barrier and here)
+        # every rank lists the same missing chunks: nobody writes one before all have listed (second barrier)
         todo = [s for s in starts if not _chunk_path(chunk_dir, s).is_file()][info.rank :: info.world_size]
+        barrier(info)
         bar = tqdm(total=len(todo) * cfg.batch_size, desc=f"sampling ({info.world_size} proc)", unit="img",
                    disable=not (cfg.progress and info.is_main))
         t0, made = time.perf_counter(), 0
