@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=2000, help="in-training test PSNR (1000 images) every N steps")
     p.add_argument("--eval-images", type=int, default=None, help="test images for the final eval (default: all)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for the runs (default: torch's, all cores); use 1 on a busy shared machine, "
+                   "where multi-threaded CPU kernels slow down many times over")
     p.add_argument("--fresh", action="store_true", help="delete earlier run folders first")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p.parse_args(argv)
@@ -89,19 +93,21 @@ def main(argv=None) -> int:
     for q in args.quantizers:
         run_dir = out / q
         tcmd, ecmd = train_command(args, q, run_dir), eval_command(args, run_dir)
-        print(f"\n[{q}] train: {shlex.join(tcmd)}\n[{q}] eval:  {shlex.join(ecmd)}", flush=True)
+        prefix = f"OMP_NUM_THREADS={args.threads} " if args.threads else ""
+        print(f"\n[{q}] train: {prefix}{shlex.join(tcmd)}\n[{q}] eval:  {prefix}{shlex.join(ecmd)}", flush=True)
         if args.dry_run:
             continue
         if args.fresh and run_dir.exists():
             shutil.rmtree(run_dir)
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         t0 = time.time()
-        subprocess.run(tcmd, check=True)
+        subprocess.run(tcmd, check=True, env=env)
         train_wall = time.time() - t0
         t0 = time.time()
-        proc = subprocess.run(ecmd, check=True, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(ecmd, check=True, stdout=subprocess.PIPE, text=True, env=env)
         eval_wall = time.time() - t0
         metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-        results["runs"][q] = {"train_command": shlex.join(tcmd), "eval_command": shlex.join(ecmd),
+        results["runs"][q] = {"train_command": prefix + shlex.join(tcmd), "eval_command": prefix + shlex.join(ecmd),
                               "train_wall_s": round(train_wall, 1), "eval_wall_s": round(eval_wall, 1),
                               **training_summary(run_dir), **metrics}
         out.mkdir(parents=True, exist_ok=True)
