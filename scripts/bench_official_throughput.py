@@ -7,8 +7,8 @@ tokenizer's decoder. Values do not change the work done, so random weights give 
     # on a GPU (what the paper's table measures: B-4x 24.18 img/s, B-16x 90.26 img/s; hardware not stated)
     python scripts/bench_official_throughput.py --batch-size 256 --dtype bfloat16
     # a CPU smoke run (bf16 is ~100x slower on CPUs without bf16 units)
-    python scripts/bench_official_throughput.py --device cpu --dtype float32 --batch-size 1 --head-steps 2 --warmup 0 \\
-        --threads 1
+    python scripts/bench_official_throughput.py --device cpu --dtype float32 --batch-size 1 \\
+        --head-steps 2 --warmup 0 --threads 1
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_batch(model, tokenizer, labels, head_steps, dtype, device, decode: bool, seed: int) -> tuple[float, float]:
+def time_batch(model, tokenizer, labels, head_steps, dtype, device, decode: bool, seed: int):
     """Seconds for (token generation, decoding) of one batch."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad(), autocast(device, dtype):

@@ -27,9 +27,9 @@ D, LAYERS, C, CLASSES, K, GRID = 128, 2, 4, 10, 32, 4
 def backbone_shapes(dim, layers, classes, C, k, n, P):
     ffh = ((8 * dim // 3) + 255) // 256 * 256
     hid = 3 * dim // 2
-    s = {"cls_embedding.weight": (classes + 1, C * dim), "proj_in.w1.weight": (2 * hid, k), "proj_in.w1.bias": (2 * hid,),
-         "proj_in.w2.weight": (dim, hid), "proj_in.w2.bias": (dim,), "emb_norm.weight": (dim,), "norm.weight": (dim,),
-         "pos_for_diff.weight": (n, dim)}
+    s = {"cls_embedding.weight": (classes + 1, C * dim), "proj_in.w1.weight": (2 * hid, k),
+         "proj_in.w1.bias": (2 * hid,), "proj_in.w2.weight": (dim, hid), "proj_in.w2.bias": (dim,),
+         "emb_norm.weight": (dim,), "norm.weight": (dim,), "pos_for_diff.weight": (n, dim)}
     if P > 1:
         s["query_token"] = (1, P - 1, dim)
     for i in range(layers):
@@ -41,8 +41,9 @@ def backbone_shapes(dim, layers, classes, C, k, n, P):
 
 def head_shapes(D, depth, n_adaln, d, k, P):
     h, n = 3 * D // 2, "head.net."
-    s = {n + "time_embed.mlp.0.weight": (D, 256), n + "time_embed.mlp.0.bias": (D,), n + "time_embed.mlp.2.weight": (D, D),
-         n + "time_embed.mlp.2.bias": (D,), n + "cond_embed.weight": (D, d), n + "cond_embed.bias": (D,),
+    s = {n + "time_embed.mlp.0.weight": (D, 256), n + "time_embed.mlp.0.bias": (D,),
+         n + "time_embed.mlp.2.weight": (D, D), n + "time_embed.mlp.2.bias": (D,),
+         n + "cond_embed.weight": (D, d), n + "cond_embed.bias": (D,),
          n + "input_proj.weight": (D, k), n + "input_proj.bias": (D,),
          n + "final_layer.ada_ln_modulation.weight": (2 * D, D), n + "final_layer.ada_ln_modulation.bias": (2 * D,),
          n + "final_layer.linear.weight": (k, D), n + "final_layer.linear.bias": (k,)}
@@ -271,7 +272,8 @@ def test_converted_model_samples_through_the_pipeline_cli(tmp_path, capsys):
     pytest.importorskip("bitdance.commands.generator")  # `bitdance sample` (another engineer's module)
     src, tok, *_ = write_official(tmp_path, 16)
     dst = tmp_path / "m"
-    assert run_cli(["convert-official", src, dst, "--tokenizer", tok, "--any-size", "--num-steps", "2"], capsys)[0] == 0
+    argv = ["convert-official", src, dst, "--tokenizer", tok, "--any-size", "--num-steps", "2"]
+    assert run_cli(argv, capsys)[0] == 0
     code, _, err = run_cli(["sample", "--model", dst, "--class-label", "7", "--num-images", "2",
                             "--out", tmp_path / "g.png"], capsys)
     assert code == 0, err

@@ -115,9 +115,10 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # pickle errors, truncated or non-torch files
         first = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {first}")
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {first}") from e
     if not isinstance(obj, dict):
-        raise UserError(f"{path} is not an official BitDance ImageNet checkpoint: it holds a {type(obj).__name__}")
+        kind = type(obj).__name__
+        raise UserError(f"{path} is not an official BitDance ImageNet checkpoint: it holds a {kind}")
     return obj
 
 
@@ -141,7 +142,7 @@ def checkpoint_args(obj: dict) -> dict:
 
 
 def select_weights(obj: dict, source: str, use_ema: bool = True) -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, "ema" | "model"). Sampling uses `ema` like the official sampler; `model` only as a fallback."""
+    """(state dict, "ema" | "model"): `ema` like the official sampler, `model` only as a fallback."""
     order = ("ema", "model") if use_ema else ("model", "ema")
     for key in order:
         state = obj.get(key)
@@ -187,11 +188,12 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
             "head.net.input_proj.weight")
     missing = [k for k in need if k not in state]
     if missing:
-        raise UserError(f"{source} is not an official BitDance ImageNet checkpoint: no {missing[0]} in its weights")
+        raise UserError(f"{source} is not an official BitDance ImageNet checkpoint: no {missing[0]} in it")
     wqkv = state["layers.0.attention.wqkv.weight"]
     dim = int(wqkv.shape[-1])
     if wqkv.ndim != 2 or wqkv.shape[0] != 3 * dim:
-        raise UserError(f"{source}: layers.0.attention.wqkv.weight has shape {tuple(wqkv.shape)}, expected (3d, d)")
+        shape = tuple(wqkv.shape)
+        raise UserError(f"{source}: layers.0.attention.wqkv.weight has shape {shape}, expected (3d, d)")
     size = next((s for s, w in SIZE_WIDTHS.items() if w == dim), None)
     if size is None and not any_size:
         known = ", ".join(f"{s} {w}" for s, w in SIZE_WIDTHS.items())
@@ -204,8 +206,8 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
     parallel = 1 + int(q.shape[1]) if q is not None and q.ndim == 3 else 1
     patch_head = "head.net.res_blocks.0.attn.wqkv.weight" in state
     if patch_head != (parallel > 1):
-        raise UserError(f"{source}: the head layout ({'patch attention' if patch_head else 'per-token MLP'}) does "
-                        f"not match query_token (parallel {parallel})")
+        layout = "patch attention" if patch_head else "per-token MLP"
+        raise UserError(f"{source}: the head layout ({layout}) does not match query_token (parallel {parallel})")
     if side * side != rows or cls.shape[1] % dim:
         raise UserError(f"{source}: pos_for_diff has {rows} rows (not a square grid) or cls_embedding width "
                         f"{cls.shape[1]} is not a multiple of {dim}")
@@ -279,7 +281,7 @@ def tokenizer_from_state(state: dict[str, torch.Tensor], source: str):
 
 
 def write_pipeline(tokenizer, generator, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Save the BitDancePipeline folder (`tokenizer/` + `generator/` + model_index.json), `extra` added to the index."""
+    """Save the BitDancePipeline folder (`tokenizer/`, `generator/`, model_index.json + `extra`)."""
     from bitdance.pipeline import MODEL_INDEX, BitDancePipeline
 
     directory = BitDancePipeline(tokenizer, generator).save_pretrained(directory)
@@ -335,7 +337,7 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
                         f"{config.token_bits}-bit ones")
     image_size = config.grid_size[0] * tok.config.downsample_factor
     if args.get("image_size") not in (None, image_size):
-        raise UserError(f"{src}: args.image_size={args['image_size']} but the model and tokenizer give {image_size}")
+        raise UserError(f"{src}: args.image_size={args['image_size']} but model and tokenizer give {image_size}")
     tok.config = dataclasses.replace(tok.config, resolution=image_size)
 
     summary = {

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
         "skips finished ones; rank 0 merges them into --out (arr_0 uint8 NHWC, arr_1 labels).")
     s.add_argument("--model", required=True, help="pipeline folder (e.g. from convert-official)")
     s.add_argument("--out", required=True, help="final .npz; chunks go to <out>.chunks/")
-    s.add_argument("--per-class", type=int, default=50, help="images per class (default 50 -> 50,000 for ImageNet)")
+    s.add_argument("--per-class", type=int, default=50, help="images per class (50: 50,000 for ImageNet)")
     s.add_argument("--num-classes", type=int, default=None, help="sample only classes 0..N-1 (default: all)")
     s.add_argument("--per-proc-batch-size", type=int, default=32, help="batch per process (= chunk size)")
     s.add_argument("--seed", type=int, default=0)
@@ -58,9 +58,11 @@ def register(subparsers) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     from bitdance.official import convert_official, describe
 
-    overrides = {"cfg_scale": args.cfg_scale, "cfg_schedule": args.cfg_schedule, "num_sampling_steps": args.num_steps}
+    overrides = {"cfg_scale": args.cfg_scale, "cfg_schedule": args.cfg_schedule,
+                 "num_sampling_steps": args.num_steps}
     summary = convert_official(args.src, args.dst, tokenizer=args.tokenizer, model_name=args.model_name,
-                               any_size=args.any_size, use_ema=not args.no_ema, overrides=overrides, force=args.force)
+                               any_size=args.any_size, use_ema=not args.no_ema, overrides=overrides,
+                               force=args.force)
     print(f"{describe(summary)} -> {args.dst}")
     return 0
 
