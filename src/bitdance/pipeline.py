@@ -168,7 +168,6 @@ class BitDancePipeline:
 
     # -- generation -------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def __call__(self, class_labels=None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  output_type: str = "pil", progress: bool = True, return_dict: bool = True,
@@ -182,12 +181,13 @@ class BitDancePipeline:
             raise UserError("no class labels given")
         device = self.device
         labels = torch.tensor(ids, dtype=torch.long, device=device)  # (b,)
-        with autocast(device, self.dtype):
+        # inference_mode skips autograd bookkeeping on every op: sampling is thousands of small ops
+        with torch.inference_mode(), autocast(device, self.dtype):
             codes = generate(self.model, labels, num_steps=num_inference_steps, cfg_scale=guidance_scale,
                              cfg_schedule=cfg_schedule, generator=generator, use_cache=use_cache,
                              progress=progress)  # (b, k, h, w)
             images = decode_codes(self.tokenizer, codes, generator=generator)  # (b, c, H, W)
-        images = images.float().clamp(-1, 1).cpu()
+        images = images.float().clamp(-1, 1).cpu().clone()  # a normal tensor again (usable with autograd)
         if output_type == "pt":
             out = images
         elif output_type == "np":

@@ -94,9 +94,9 @@ class TrainConfig:
     log_every: int = 25
     save_every: int = 500
     sample_every: int | None = None  # None: with every checkpoint
-    samples_per_class: int = 8
+    samples_per_class: int = 4  # grid columns; each grid costs a full sampling run
     max_grid_classes: int = 10
-    stop_after: int | None = None  # stop (and save) after this many steps in this invocation; the schedule keeps --steps
+    stop_after: int | None = None  # stop (and save) after this many steps of this invocation; schedule keeps --steps
     resume: str | None = None  # checkpoint file or run folder; out/checkpoint.pt is resumed automatically
     progress: bool = True
 
