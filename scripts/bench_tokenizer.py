@@ -7,7 +7,8 @@ bits), each under the same CPU time budget, then evaluates PSNR / SSIM / bit usa
 whole test split with `bitdance tokenizer eval --json`. Prints a table with the exact commands and wall
 times and writes `OUT/results.json`. Target: binary PSNR >= 26 dB with at most 30 minutes of CPU training.
 
-    python scripts/bench_tokenizer.py                      # both runs (about 2 x 30 min on 2 cores)
+    python scripts/bench_tokenizer.py                      # both runs at once, one core each (~32 min)
+    python scripts/bench_tokenizer.py --sequential         # one after the other, all cores each (~64 min)
     python scripts/bench_tokenizer.py --quantizers binary  # one run
     python scripts/bench_tokenizer.py --dry-run            # print the commands only
 
@@ -49,9 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=2000, help="in-training test PSNR (1000 images) every N steps")
     p.add_argument("--eval-images", type=int, default=None, help="test images for the final eval (default: all)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--sequential", action="store_true",
+                   help="train one run after the other with all cores each (default: all runs at once, one thread "
+                   "each; on a shared 2-core machine multi-threaded kernels slow down many times over)")
     p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS for the runs (default: torch's, all cores); use 1 on a busy shared machine, "
-                   "where multi-threaded CPU kernels slow down many times over")
+                   help="OMP_NUM_THREADS for the runs (default: 1, or torch's own with --sequential)")
     p.add_argument("--fresh", action="store_true", help="delete earlier run folders first")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return p.parse_args(argv)
@@ -87,33 +90,49 @@ def training_summary(run_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads is None:
+        args.threads = 1 if not args.sequential else None
     out = Path(args.out)
     results_path = out / "results.json"
     results = {"target_psnr_db": TARGET_PSNR, "settings": vars(args), "runs": {}}
-    for q in args.quantizers:
-        run_dir = out / q
-        tcmd, ecmd = train_command(args, q, run_dir), eval_command(args, run_dir)
-        prefix = f"OMP_NUM_THREADS={args.threads} " if args.threads else ""
-        print(f"\n[{q}] train: {prefix}{shlex.join(tcmd)}\n[{q}] eval:  {prefix}{shlex.join(ecmd)}", flush=True)
-        if args.dry_run:
-            continue
-        if args.fresh and run_dir.exists():
-            shutil.rmtree(run_dir)
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-        t0 = time.time()
-        subprocess.run(tcmd, check=True, env=env)
-        train_wall = time.time() - t0
+    prefix = f"OMP_NUM_THREADS={args.threads} " if args.threads else ""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    cmds = {q: (train_command(args, q, out / q), eval_command(args, out / q)) for q in args.quantizers}
+    for q, (tcmd, ecmd) in cmds.items():
+        print(f"[{q}] train: {prefix}{shlex.join(tcmd)}\n[{q}] eval:  {prefix}{shlex.join(ecmd)}", flush=True)
+    if args.dry_run:
+        return 0
+    for q in cmds:
+        if args.fresh and (out / q).exists():
+            shutil.rmtree(out / q)
+        (out / q).mkdir(parents=True, exist_ok=True)
+
+    # training: all runs at once (one core each, no thread contention) or one after the other
+    walls: dict[str, float] = {}
+    groups = [list(cmds)] if not args.sequential else [[q] for q in cmds]
+    for group in groups:
+        t0, procs = time.time(), {}
+        for q in group:
+            log = (out / q / "train.out").open("w") if len(group) > 1 else None  # bars would interleave
+            procs[q] = (subprocess.Popen(cmds[q][0], env=env, stdout=log, stderr=log), log)
+            if log:
+                print(f"[{q}] training, output in {out / q / 'train.out'}", flush=True)
+        for q, (proc, log) in procs.items():
+            if proc.wait() != 0:
+                raise SystemExit(f"[{q}] training failed (exit {proc.returncode}); see {out / q}")
+            walls[q] = time.time() - t0
+            if log:
+                log.close()
+
+    for q, (tcmd, ecmd) in cmds.items():
         t0 = time.time()
         proc = subprocess.run(ecmd, check=True, stdout=subprocess.PIPE, text=True, env=env)
         eval_wall = time.time() - t0
         metrics = json.loads(proc.stdout.strip().splitlines()[-1])
         results["runs"][q] = {"train_command": prefix + shlex.join(tcmd), "eval_command": prefix + shlex.join(ecmd),
-                              "train_wall_s": round(train_wall, 1), "eval_wall_s": round(eval_wall, 1),
-                              **training_summary(run_dir), **metrics}
-        out.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(results, indent=2) + "\n")  # after each run: partial results survive
-    if args.dry_run:
-        return 0
+                              "train_wall_s": round(walls[q], 1), "eval_wall_s": round(eval_wall, 1),
+                              **training_summary(out / q), **metrics}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")  # after each eval: partial results survive
 
     print("\n| tokens | bits/token | steps | train min | train wall | test PSNR (dB) | SSIM | bit usage "
           "| perplexity / group |")
