@@ -160,3 +160,22 @@ def test_vq_quantizer_same_bits_per_token_and_valid_indices():
     out.loss.backward()
     assert x.grad.abs().sum() > 0 and vq.codebook.grad.abs().sum() > 0
     assert 1.0 <= out.perplexity <= 256 and 0 < out.usage <= 1
+
+
+def test_vq_restarts_unused_codewords_on_badly_quantized_latents():
+    cfg = QuantizerConfig(bits=8, group_size=4, kind="vq", usage_decay=0.5, restart_threshold=0.2)
+    torch.manual_seed(0)
+    vq = VQQuantizer(cfg)
+    x = torch.randn(4, 8, 4, 4, generator=_gen()) * 0.5 + 1.0  # latents crowd one part of the sphere
+    vq.eval()
+    first = vq(x, compute_loss=True)
+    book = vq.codebook.detach().clone()
+    vq(x)
+    assert torch.equal(vq.codebook, book)  # eval passes never touch the codebook
+    vq.train()
+    for _ in range(4):
+        vq(x)
+    assert not torch.equal(vq.codebook, book)
+    after = vq.eval()(x, compute_loss=True)
+    assert after.perplexity > first.perplexity
+    assert after.commitment < first.commitment  # latents are closer to their codewords

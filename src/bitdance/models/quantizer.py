@@ -85,6 +85,10 @@ class QuantizerConfig:
     # weights of the default aux loss `QuantizerOutput.loss` (WeTok lineage: entropy 0.1, commitment 0.25)
     entropy_weight: float = 0.1
     commitment_weight: float = 0.25  # binary: commitment weight; vq: beta
+    # vq: a codeword whose running usage falls below restart_threshold x uniform is moved onto a badly
+    # quantized latent of the batch (0 disables)
+    restart_threshold: float = 0.03
+    usage_decay: float = 0.95
 
     @property
     def num_groups(self) -> int:
@@ -259,8 +263,11 @@ class VQQuantizer(nn.Module):
 
     The k latent channels are split in G = k/g groups; each group is replaced by the nearest of 2^g learned
     g-dim codewords (one codebook per group), so a token costs G indices of g bits = k bits. Codewords and
-    latents are l2-normalised per group (cosine lookup, as in ViT-VQGAN / LlamaGen), which keeps codebook
-    usage high without EMA updates or restarts. Loss: codebook MSE + beta * commitment MSE, straight-through.
+    latents are l2-normalised per group (cosine lookup, as in ViT-VQGAN / LlamaGen). Loss: codebook MSE +
+    beta * commitment MSE, straight-through. Early in training the encoder's outputs crowd a small part of the
+    sphere and most codewords go unused (perplexity ~10 of 256 per group on Fashion-MNIST), so in training
+    codewords with a low running usage are restarted on the worst-quantized latents of the batch:
+    deterministic, and identical on every DDP rank (usage is all-reduced, replacements come from rank 0).
     """
 
     def __init__(self, config: QuantizerConfig):
@@ -271,6 +278,8 @@ class VQQuantizer(nn.Module):
             raise UserError(f"group_size {config.group_size} is too large for a VQ codebook (2^g rows); use <= 20")
         # random directions on the unit sphere; the official tokenizer has no VQ, so this name is ours
         self.codebook = nn.Parameter(torch.randn(self.num_groups, config.codebook_size, config.group_size))
+        # running usage per codeword relative to uniform (1.0); training statistics only, not saved
+        self.register_buffer("usage_ema", torch.ones(self.num_groups, config.codebook_size), persistent=False)
 
     def normalized_codebook(self) -> torch.Tensor:
         return F.normalize(self.codebook.float(), dim=-1)  # (G, K, g)
@@ -289,6 +298,34 @@ class VQQuantizer(nn.Module):
         rows = max(1, self.config.max_entropy_elements // (self.num_groups * book.shape[1]))
         out = [torch.einsum("mgd,gkd->mgk", chunk, book).argmax(-1) for chunk in z.split(rows)]
         return torch.cat(out)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, z: torch.Tensor, zq: torch.Tensor, idx: torch.Tensor) -> None:
+        """z, zq (m, G, g), idx (m, G): update the usage EMA, move rarely used codewords onto bad latents."""
+        import torch.distributed as dist
+
+        cfg, (m, groups, _) = self.config, z.shape
+        counts = torch.zeros_like(self.usage_ema).scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=z.dtype))
+        total = torch.tensor([float(m)], device=z.device)
+        ddp = dist.is_available() and dist.is_initialized()
+        if ddp:
+            dist.all_reduce(counts)
+            dist.all_reduce(total)
+        self.usage_ema.mul_(cfg.usage_decay).add_(counts * (cfg.codebook_size / total), alpha=1 - cfg.usage_decay)
+        dead = self.usage_ema < cfg.restart_threshold  # (G, K), the same on every rank
+        if not dead.any():
+            return
+        error = (z - zq).pow(2).sum(-1)  # (m, G): distance to the chosen codeword
+        new = self.codebook.data.clone()  # (G, K, g)
+        for grp in range(groups):
+            slots = dead[grp].nonzero().squeeze(1)
+            if slots.numel():
+                worst = error[:, grp].topk(min(slots.numel(), m)).indices  # the worst-quantized latents
+                new[grp, slots] = z[worst.repeat(slots.numel() // worst.numel() + 1)[: slots.numel()], grp]
+        if ddp:
+            dist.broadcast(new, src=0)
+        self.codebook.data[dead] = new[dead].to(self.codebook.dtype)
+        self.usage_ema[dead] = 1.0
 
     def forward(self, x: torch.Tensor, compute_loss: bool | None = None) -> QuantizerOutput:
         cfg = self.config
@@ -309,6 +346,8 @@ class VQQuantizer(nn.Module):
             codes = zq_st.flatten(-2).view(b, h, w, k).permute(0, 3, 1, 2)  # (b, k, h, w)
             indices = idx.view(b, h, w, self.num_groups).permute(0, 3, 1, 2)  # (b, G, h, w)
             loss = codebook_loss + cfg.commitment_weight * commitment
+            if self.training and torch.is_grad_enabled() and cfg.restart_threshold > 0:
+                self._restart_dead_codes(z.detach(), zq.detach(), idx)  # after the lookup: this step is unchanged
         perplexity, usage = index_usage(indices, cfg.codebook_size)
         return QuantizerOutput(
             codes=codes,
