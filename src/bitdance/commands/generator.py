@@ -136,7 +136,7 @@ def run_sample(args) -> int:
     labels = [c for c in classes for _ in range(args.num_images)]  # label order, num_images each
 
     images = []
-    bar = tqdm(total=len(labels), desc="sampling", unit="img", disable=not args.progress)
+    bar = tqdm(total=len(labels), desc="images", unit="img", disable=not args.progress)
     for start in range(0, len(labels), args.batch_size):
         # a generator per batch seeded by the first global index: no two batches share noise
         gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + start)
