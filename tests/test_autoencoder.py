@@ -254,3 +254,11 @@ def test_config_errors_are_user_errors():
         TokenizerConfig(z_channels=12)
     with pytest.raises(UserError, match="unknown quantizer"):
         TokenizerConfig(quantizer="fsq")
+
+
+def test_vq_tokenizer_weights_load_from_a_safetensors_file(tmp_path):
+    m = _model(quantizer="vq").eval()
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "vq.safetensors"))
+    back = ImageTokenizer.from_official(tmp_path / "vq.safetensors")  # config inferred: 3-D codebook -> vq
+    assert back.config.quantizer == "vq" and back.quantize.usage_ema.device.type == "cpu"
+    assert torch.equal(back.encode_indices(_images()), m.encode_indices(_images()))

@@ -356,9 +356,10 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
             raise UserError(f"{source} does not match the tokenizer config: {'; '.join(problems[:3])}{more}")
-        with torch.device("meta"):
+        # a binary tokenizer has no buffers: build it on meta and adopt the loaded tensors (no double memory)
+        with torch.device("meta" if config.quantizer == "binary" else "cpu"):
             model = cls(config)
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=config.quantizer == "binary")
         return model.float().to(device).eval()
 
 
