@@ -115,7 +115,8 @@ def test_adaptive_group_norm_uses_unbiased_std():
     expected = agn.gamma(std)[..., None, None] * gn + agn.beta(mean)[..., None, None]
     assert torch.allclose(agn(x, z), expected, atol=1e-5)
     biased = (((flat - mean[..., None]) ** 2).sum(-1) / 15 + 1e-6).sqrt()
-    assert not torch.allclose(agn(x, z), agn.gamma(biased)[..., None, None] * gn + agn.beta(mean)[..., None, None])
+    with_biased = agn.gamma(biased)[..., None, None] * gn + agn.beta(mean)[..., None, None]
+    assert not torch.allclose(agn(x, z), with_biased)
 
 
 def test_depth_to_space_is_dcr_not_pixel_shuffle():
@@ -166,7 +167,8 @@ def test_official_pt_loader_infers_config_strips_prefix_and_ignores_buffers(tmp_
     blob["cls_embedding.weight"] = torch.zeros(3, 4)  # the rest of an ImageNet BitDance model
     save_checkpoint({"state_dict": blob}, tmp_path / "ae.pt")
     m = ImageTokenizer.from_official(tmp_path / "ae.pt")
-    assert (m.config.ch, m.config.ch_mult, m.config.num_res_blocks, m.config.z_channels) == (32, (1, 1, 2), 1, 16)
+    c = m.config
+    assert (c.ch, c.ch_mult, c.num_res_blocks, c.z_channels) == (32, (1, 1, 2), 1, 16)
     ref = ImageTokenizer(cfg).eval()
     ref.load_state_dict(sd)
     assert torch.equal(_reference_outputs(m, _images()), _reference_outputs(ref, _images()))
@@ -213,7 +215,8 @@ def test_mismatched_official_files_raise_user_errors(tmp_path):
     save_checkpoint({"state_dict": bad}, tmp_path / "missing.pt")
     with pytest.raises(UserError, match="missing decoder.adaptive.0.beta.bias"):
         ImageTokenizer.from_official(tmp_path / "missing.pt")
-    save_checkpoint({"state_dict": {"layers.0.attention.wqkv.weight": torch.zeros(3, 3)}}, tmp_path / "gen.pt")
+    generator_only = {"layers.0.attention.wqkv.weight": torch.zeros(3, 3)}
+    save_checkpoint({"state_dict": generator_only}, tmp_path / "gen.pt")
     with pytest.raises(UserError, match="not an official BitDance tokenizer"):
         ImageTokenizer.from_official(tmp_path / "gen.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

@@ -124,7 +124,8 @@ def test_commitment_is_averaged_over_the_whole_batch_and_losses_only_in_training
     x = torch.randn(3, 4, 2, 2, generator=_gen())
     out = q(x)
     assert torch.allclose(out.commitment, ((x - x.sign()) ** 2).mean())
-    expected = cfg.entropy_weight * (out.sample_entropy - out.codebook_entropy) + cfg.commitment_weight * out.commitment
+    entropy = out.sample_entropy - out.codebook_entropy
+    expected = cfg.entropy_weight * entropy + cfg.commitment_weight * out.commitment
     assert torch.allclose(out.loss, expected)
     assert q.eval()(x).loss == 0
 

@@ -48,7 +48,7 @@ class TokenizerConfig:
         self.ch_mult = tuple(self.ch_mult)
         widths = [self.ch * m for m in self.ch_mult]
         if any(w % 32 for w in widths):
-            raise UserError(f"tokenizer widths {widths} (ch x ch_mult) must be multiples of 32 (GroupNorm(32))")
+            raise UserError(f"tokenizer widths {widths} (ch x ch_mult) must be multiples of 32 (GroupNorm)")
         if self.quantizer not in ("binary", "vq"):
             raise UserError(f"unknown quantizer {self.quantizer!r}; choose binary or vq")
         self.quantizer_config()  # validates z_channels % group_size
@@ -84,8 +84,9 @@ def tiny() -> TokenizerConfig:
 def fmnist() -> TokenizerConfig:
     """Fashion-MNIST (padded to 32x32, 1 channel) -> 8x8 tokens of 32 bits in 4 groups of 8."""
     return TokenizerConfig(
-        in_channels=1, out_channels=1, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32, resolution=32
-    )
+        in_channels=1, out_channels=1, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32,
+        resolution=32,
+    )  # fmt: skip
 
 
 def d16c32() -> TokenizerConfig:
@@ -157,7 +158,8 @@ class Upsampler(nn.Module):
 
 
 class AdaptiveGroupNorm(nn.Module):
-    """GN without affine, modulated by the quantized latent's global statistics: gamma(std) * gn(x) + beta(mean)."""
+    """GN without affine, modulated by the quantized latent's global statistics:
+    gamma(std) * gn(x) + beta(mean)."""
 
     def __init__(self, z_channels: int, channels: int):
         super().__init__()
@@ -306,7 +308,7 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         return x.to(device=w.device, dtype=w.dtype)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(b, c, H, W) -> codes (b, k, h, w): exactly ±1 (binary) or the quantized latent (vq); no gradient."""
+        """(b, c, H, W) -> codes (b, k, h, w): exactly ±1 (binary) or the quantized latent (vq); no grad."""
         images = self._prepare(images, self.config.in_channels, "images")
         return self.quantize(self.encoder(images), compute_loss=False).codes.detach()
 
@@ -334,7 +336,10 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
 
     @classmethod
     def from_official(
-        cls, path: str | os.PathLike, config: TokenizerConfig | None = None, device: str | torch.device = "cpu"
+        cls,
+        path: str | os.PathLike,
+        config: TokenizerConfig | None = None,
+        device: str | torch.device = "cpu",
     ) -> "ImageTokenizer":
         """Load an official tokenizer checkpoint (strict).
 
@@ -412,7 +417,7 @@ def official_key_shapes(config: TokenizerConfig) -> dict[str, tuple[int, ...]]:
     for j in range(nres):
         res(f"decoder.mid_block.{j}", top, top)
     for lvl in range(len(mult)):
-        c_in = ch * (mult[lvl + 1] if lvl + 1 < len(mult) else mult[-1])  # width arriving from the level above
+        c_in = ch * mult[min(lvl + 1, len(mult) - 1)]  # width arriving from the level above
         co = ch * mult[lvl]
         for name in ("gamma", "beta"):
             shapes[f"decoder.adaptive.{lvl}.{name}.weight"] = (c_in, z)
@@ -535,8 +540,8 @@ def _strip_official_prefixes(state: dict, source: str) -> dict[str, torch.Tensor
         raise UserError(f"{source} does not hold a state dict of tensors")
     if any(k.startswith("vae.") for k in state):  # a whole ImageNet BitDance model: keep its tokenizer
         state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
-    # The official quantizer's buffers (codebook, masks) are non-persistent, not weights: drop any that slipped
-    # in. Only our VQ tokenizer has a (G, 2^g, g) `quantize.codebook` parameter.
+    # The official quantizer's buffers (codebook, masks) are non-persistent, not weights: drop any that
+    # slipped in. Only our VQ tokenizer has a (G, 2^g, g) `quantize.codebook` parameter.
     book = state.get("quantize.codebook")
     vq = book is not None and book.ndim == 3
     return {k: v for k, v in state.items() if vq or not k.startswith("quantize.")}
@@ -567,7 +572,7 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
                 weights_path = cand
                 break
         if weights_path is None:
-            raise UserError(f"no weights next to {path} (looked for {stem}.safetensors and {OFFICIAL_WEIGHTS_NAME})")
+            raise UserError(f"no weights next to {path}: no {stem}.safetensors or {OFFICIAL_WEIGHTS_NAME}")
     elif path.suffix == ".safetensors":
         weights_path = path
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
@@ -597,7 +602,7 @@ def save_official(model: ImageTokenizer, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     if model.config.quantizer != "binary":
-        raise UserError("only binary tokenizers have an official layout; use save_pretrained for a VQ tokenizer")
+        raise UserError("only binary tokenizers have an official layout; save a VQ one with save_pretrained")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(official_ae_config(model.config), directory / OFFICIAL_CONFIG_NAME)

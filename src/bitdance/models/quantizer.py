@@ -50,7 +50,9 @@ def bits_to_indices(codes: torch.Tensor, group_size: int, dim: int = 1) -> torch
     return (bits * weights).sum(-1).movedim(-1, dim)  # (b, G, ...)
 
 
-def indices_to_bits(indices: torch.Tensor, group_size: int, dim: int = 1, dtype=torch.float32) -> torch.Tensor:
+def indices_to_bits(
+    indices: torch.Tensor, group_size: int, dim: int = 1, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Long indices (b, G, ...) -> ±1 codes (b, G*g, ...), the inverse of `bits_to_indices`."""
     _check_groups(group_size, group_size)
     idx = indices.long().movedim(dim, -1)  # (..., G)
@@ -209,7 +211,7 @@ class BinaryQuantizer(nn.Module):
         self.config = config
         self.num_groups = config.num_groups  # validates bits % group_size
         if config.group_size > 24:
-            raise UserError(f"group_size {config.group_size} is too large for the entropy loss (2^g codes); use <= 24")
+            raise UserError(f"group_size {config.group_size} is too large for the entropy loss: use <= 24")
 
     @staticmethod
     def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +235,9 @@ class BinaryQuantizer(nn.Module):
             sample_h = codebook_h = entropy = commitment = zero
             if compute_loss:
                 tokens = _to_tokens(x, self.num_groups)  # (m, G, g)
-                sample_h, codebook_h = entropy_terms(tokens, cfg.temperature, cfg.pool_groups, cfg.max_entropy_elements)
+                sample_h, codebook_h = entropy_terms(
+                    tokens, cfg.temperature, cfg.pool_groups, cfg.max_entropy_elements
+                )
                 entropy = cfg.sample_entropy_weight * sample_h - cfg.codebook_entropy_weight * codebook_h
                 # averaged over the whole batch (the official subset-average is a bug, ref §8)
                 commitment = F.mse_loss(x, q)
@@ -275,7 +279,7 @@ class VQQuantizer(nn.Module):
         self.config = config
         self.num_groups = config.num_groups
         if config.group_size > 20:
-            raise UserError(f"group_size {config.group_size} is too large for a VQ codebook (2^g rows); use <= 20")
+            raise UserError(f"group_size {config.group_size} is too large for a VQ codebook: use <= 20")
         # random directions on the unit sphere; the official tokenizer has no VQ, so this name is ours
         self.codebook = nn.Parameter(torch.randn(self.num_groups, config.codebook_size, config.group_size))
         # running usage per codeword relative to uniform (1.0); training statistics only, not saved
@@ -305,13 +309,15 @@ class VQQuantizer(nn.Module):
         import torch.distributed as dist
 
         cfg, (m, groups, _) = self.config, z.shape
-        counts = torch.zeros_like(self.usage_ema).scatter_add_(1, idx.t(), torch.ones_like(idx.t(), dtype=z.dtype))
+        ones = torch.ones_like(idx.t(), dtype=z.dtype)
+        counts = torch.zeros_like(self.usage_ema).scatter_add_(1, idx.t(), ones)  # (G, K)
         total = torch.tensor([float(m)], device=z.device)
         ddp = dist.is_available() and dist.is_initialized()
         if ddp:
             dist.all_reduce(counts)
             dist.all_reduce(total)
-        self.usage_ema.mul_(cfg.usage_decay).add_(counts * (cfg.codebook_size / total), alpha=1 - cfg.usage_decay)
+        rate = counts * (cfg.codebook_size / total)  # 1.0 = uniform use
+        self.usage_ema.mul_(cfg.usage_decay).add_(rate, alpha=1 - cfg.usage_decay)
         dead = self.usage_ema < cfg.restart_threshold  # (G, K), the same on every rank
         if not dead.any():
             return
@@ -347,7 +353,8 @@ class VQQuantizer(nn.Module):
             indices = idx.view(b, h, w, self.num_groups).permute(0, 3, 1, 2)  # (b, G, h, w)
             loss = codebook_loss + cfg.commitment_weight * commitment
             if self.training and torch.is_grad_enabled() and cfg.restart_threshold > 0:
-                self._restart_dead_codes(z.detach(), zq.detach(), idx)  # after the lookup: this step is unchanged
+                # after the lookup, so this step's outputs are unchanged
+                self._restart_dead_codes(z.detach(), zq.detach(), idx)
         perplexity, usage = index_usage(indices, cfg.codebook_size)
         return QuantizerOutput(
             codes=codes,
