@@ -224,11 +224,18 @@ def test_loss_in_fp32_under_bf16_autocast():
     assert torch.equal(same, ref)
 
 
+def _record_net_inputs(net, seen):
+    """Record (x shape, t shape) of every net evaluation: t is seen by time_embed, x by forward_embedded."""
+    t_shapes = []
+    orig_time, orig_fwd = net.time_embed.forward, net.forward_embedded
+    net.time_embed.forward = lambda t: (t_shapes.append(t.shape), orig_time(t))[1]
+    net.forward_embedded = lambda x, te, ce: (seen.append((x.shape, t_shapes[-1])), orig_fwd(x, te, ce))[1]
+
+
 def test_loss_reduction_and_time_sharing():
     head = DiffusionHead(tiny(4, diff_batch_mul=2))
     seen = []
-    orig = head.net.forward
-    head.net.forward = lambda x, t, c: (seen.append((x.shape, t.shape)), orig(x, t, c))[1]
+    _record_net_inputs(head.net, seen)
     cond, target = torch.randn(3, 4, 64), torch.randn(3, 4, 16).sign()
     per_tok = head.loss(cond, target, generator=torch.Generator().manual_seed(0), reduction="none")
     scalar = head.loss(cond, target, generator=torch.Generator().manual_seed(0))
@@ -236,10 +243,28 @@ def test_loss_reduction_and_time_sharing():
     assert seen[0] == (torch.Size([6, 4, 16]), torch.Size([6]))  # one t per repeated patch
     head1 = DiffusionHead(tiny(1, diff_batch_mul=2))
     seen.clear()
-    orig1 = head1.net.forward
-    head1.net.forward = lambda x, t, c: (seen.append((x.shape, t.shape)), orig1(x, t, c))[1]
+    _record_net_inputs(head1.net, seen)
     head1.loss(torch.randn(3, 4, 64), target)
     assert seen[0] == (torch.Size([24, 16]), torch.Size([24]))  # 1x: one t per token
+
+
+def test_sampling_embeds_condition_once_per_call():
+    """The sampler reuses the condition embedding across flow steps and gives the same bits as per-step
+    embedding would (compared against a flow run over the plain forward_net)."""
+    for parallel in (1, 4):
+        head = DiffusionHead(tiny(parallel))
+        for blk in head.net.ada_ln_blocks:
+            blk.weight.data.normal_(std=0.1)
+        head.net.final_layer.linear.weight.data.normal_()
+        calls = []
+        orig = head.net.cond_embed.forward
+        head.net.cond_embed.forward = lambda c: (calls.append(1), orig(c))[1]
+        cond = torch.randn(4, parallel, 64)
+        fast = head.sample(cond, num_steps=6, cfg_scale=2.0, generator=torch.Generator().manual_seed(3))
+        assert len(calls) == 1
+        slow = head.flow.sample(lambda z, t: head.forward_net(z, t, cond), shape=(2, parallel, 16), num_steps=6,
+                                cfg_scale=2.0, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(fast, slow)
 
 
 def test_gradient_checkpointing_same_loss_and_grads():

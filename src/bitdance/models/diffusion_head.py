@@ -221,7 +221,11 @@ class MlpEncoder(_Encoder):
         super().__init__(c, [ResBlock(c.width) for _ in range(c.depth)])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        y = F.silu(self.time_embed(t) + self.cond_embed(c))  # (n, D)
+        return self.forward_embedded(x, self.time_embed(t), self.cond_embed(c))
+
+    def forward_embedded(self, x: torch.Tensor, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
+        """forward() with t_emb (n or 1, D) and c_emb (n, D) precomputed (the sampler reuses them)."""
+        y = F.silu(t_emb + c_emb)  # (n, D)
         return self._run(self.input_proj(x), y)  # (n, k)
 
 
@@ -234,8 +238,12 @@ class TransEncoder(_Encoder):
         super().__init__(c, [TransBlock(c.width, c.attn_head_dim) for _ in range(c.depth)])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedded(x, self.time_embed(t), self.cond_embed(c))
+
+    def forward_embedded(self, x: torch.Tensor, t_emb: torch.Tensor, c_emb: torch.Tensor) -> torch.Tensor:
+        """forward() with t_emb (b or 1, D) and c_emb (b, p, D) precomputed (the sampler reuses them)."""
         # One t per patch, a condition per token: y differs across the patch through c.
-        y = F.silu(self.time_embed(t)[:, None] + self.cond_embed(c))  # (b, p, D)
+        y = F.silu(t_emb[:, None] + c_emb)  # (b, p, D)
         return self._run(self.input_proj(x), y)  # (b, p, k)
 
 
@@ -261,18 +269,27 @@ class DiffusionHead(nn.Module):
     def initialize_weights(self) -> None:
         self.net.initialize_weights()
 
-    def forward_net(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def embed_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """cond (n, p, d) -> the net's condition embedding, in its row layout ((n p, D) for 1x, else (n, p, D))."""
+        c_emb = self.net.cond_embed(cond.to(self.net.input_proj.weight.dtype))  # (n, p, D)
+        return c_emb.flatten(0, 1) if isinstance(self.net, MlpEncoder) else c_emb
+
+    def forward_net(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                    c_emb: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
         """x_hat (n, p, k) for z (n, p, k), t (n,), cond (n, p, d); fp32 in and out.
 
         The 1x net sees every token as its own row (t repeated over p), the patch net whole patches.
+        c_emb (from `embed_cond`) and t_emb (broadcastable over rows) may be passed precomputed.
         """
         n, p, k = z.shape
-        dtype = self.net.input_proj.weight.dtype
-        z_, c_ = z.to(dtype), cond.to(dtype)
+        z_ = z.to(self.net.input_proj.weight.dtype)
+        c_emb = self.embed_cond(cond) if c_emb is None else c_emb
         if isinstance(self.net, MlpEncoder):
-            out = self.net(z_.reshape(n * p, k), t.repeat_interleave(p), c_.reshape(n * p, -1)).view(n, p, k)
+            t_emb = self.net.time_embed(t.repeat_interleave(p)) if t_emb is None else t_emb
+            out = self.net.forward_embedded(z_.reshape(n * p, k), t_emb, c_emb).view(n, p, k)
         else:
-            out = self.net(z_, t, c_)  # (n, p, k)
+            t_emb = self.net.time_embed(t) if t_emb is None else t_emb
+            out = self.net.forward_embedded(z_, t_emb, c_emb)  # (n, p, k)
         out = out.float()
         if self.config.bounded_output:
             out = 2 * torch.sigmoid(out) - 1  # T2I: x_hat in (-1, 1)
@@ -330,8 +347,10 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
         b = m if cfg_scale is None else m // 2
         with fp32_island(cond.device.type):
-            cond32 = cond.float()
-            fn = lambda z, t: self.forward_net(z, t, cond32)  # noqa: E731
+            # The condition is fixed for the whole flow and t is shared by all rows at each flow step: embed
+            # the condition once per call and t once per step, not per row and step.
+            c_emb = self.embed_cond(cond.float())
+            fn = lambda z, t: self.forward_net(z, t, None, c_emb, self.net.time_embed(t[:1]))  # noqa: E731
             return self.flow.sample(
                 fn, shape=(b, p, self.config.token_bits), num_steps=num_steps, cfg_scale=cfg_scale,
                 generator=generator, device=cond.device, binarize=binarize,
