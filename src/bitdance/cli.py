@@ -13,7 +13,7 @@ import sys
 from bitdance.utils import UserError
 
 # Modules under bitdance.commands, each with register(subparsers).
-COMMAND_MODULES = ("tokenizer", "generator", "evaluate", "official", "demo")
+COMMAND_MODULES = ("tokenizer", "generator", "evaluate", "official")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"bitdance.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bitdance.commands.{name}":
-                continue  # area not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"bitdance.commands.{name}").register(sub)
     return parser
 
 
