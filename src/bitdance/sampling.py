@@ -23,7 +23,7 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> 
     raise UserError(f"unknown cfg schedule {schedule!r}; choose 'linear' or 'constant'")
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     model,
     class_labels: torch.Tensor,
