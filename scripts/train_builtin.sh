@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Recipe for the built-in Fashion-MNIST model shipped in src/bitdance/builtin/ (tokenizer + generator).
+# Uses only our CLI, on a 2-core CPU. Rerun it from the repository root after `make setup data`:
+#
+#   bash scripts/train_builtin.sh            # about 60 minutes on an idle 2-core machine
+#   INSTALL=0 bash scripts/train_builtin.sh  # train only, don't replace the packaged model
+#
+# Step 1 is the binary run of scripts/bench_tokenizer.py (same flags), so its PSNR/SSIM figures apply.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BITDANCE=${BITDANCE:-.venv/bin/bitdance}
+DATA=${DATA:-/usr/share/datasets/fashion-mnist}
+OUT=${OUT:-runs/builtin}
+TOKENIZER=${TOKENIZER:-$OUT/tokenizer/model}   # point at an existing tokenizer to skip step 1
+GEN_STEPS=${GEN_STEPS:-1400}
+PARALLEL=${PARALLEL:-4}
+
+# 1. Binary tokenizer: 32x32 -> 8x8 tokens of 32 bits, 29 minutes of training (one core).
+if [ ! -f "$TOKENIZER/config.json" ]; then
+  OMP_NUM_THREADS=1 $BITDANCE tokenizer train --data "$DATA" --preset fmnist --quantizer binary \
+    --steps 15000 --max-minutes 29 --batch-size 32 --lr 2e-3 --warmup 100 --device cpu --out "$OUT/tokenizer"
+fi
+
+# 2. Generator: the fmnist preset with next-patch diffusion (2x2 patches -> 16 AR steps), diffusion head.
+$BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
+  --steps "$GEN_STEPS" --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --save-every 200 --device cpu \
+  --out "$OUT/generator"
+
+# 3. Install into the package (safetensors + config, a few MB).
+if [ "${INSTALL:-1}" = 1 ]; then
+  rm -rf src/bitdance/builtin
+  cp -r "$OUT/generator/model" src/bitdance/builtin
+  du -sh src/bitdance/builtin
+fi
