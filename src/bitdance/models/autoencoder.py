@@ -82,7 +82,10 @@ def tiny() -> TokenizerConfig:
 
 
 def fmnist() -> TokenizerConfig:
-    """Fashion-MNIST (padded to 32x32, 1 channel) -> 8x8 tokens of 32 bits in 4 groups of 8."""
+    """Fashion-MNIST (padded to 32x32, 1 channel) -> 8x8 tokens of 32 bits in 4 groups of 8.
+
+    0.60 M parameters, 0.55 GFLOP per image per training step: the widest/deepest net that trains at
+    ~150 images/s (batch 64, fwd+bwd+Adam, 2 CPU threads; ~80 images/s per core)."""
     return TokenizerConfig(
         in_channels=1, out_channels=1, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32,
         resolution=32,
