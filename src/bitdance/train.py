@@ -43,6 +43,7 @@ from bitdance.utils import (
     check_finite,
     cleanup_distributed,
     cosine_lr,
+    find_resume_checkpoint,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -241,17 +242,6 @@ def ema_decay_at(base: float, step: int) -> float:
     return min(base, (1.0 + step) / (10.0 + step))
 
 
-def _find_resume(cfg: TrainConfig, out: Path) -> Path | None:
-    if cfg.resume:
-        p = Path(cfg.resume)
-        p = p / CHECKPOINT_NAME if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"--resume: no checkpoint at {p}")
-        return p
-    own = out / CHECKPOINT_NAME
-    return own if own.is_file() else None
-
-
 def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> int:
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "step"} <= set(state):
@@ -304,14 +294,6 @@ class LossLog:
                         title="generator training loss")
 
 
-def _all_finite(loss: torch.Tensor, step: int, info) -> None:
-    """Every rank stops together: a NaN on one rank must not leave the others waiting in all-reduce."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
-    if info.enabled:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    check_finite(loss if bad.item() == 0 else torch.tensor(float("nan")), step)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +326,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
     # -- optimizer and resume -----------------------------------------------------------------------
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     step = 0
-    ckpt = _find_resume(cfg, out)
+    ckpt = find_resume_checkpoint(cfg.resume, out, CHECKPOINT_NAME)
     if ckpt is not None:
         step = _restore(ckpt, model_cfg, tok_key, model, ema, opt)
         logger.info("resumed from %s at step %d", ckpt, step)
@@ -410,7 +392,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
             with autocast(device, cfg.dtype):
                 loss = net(x, y, generator=gen)
             loss = loss.float()
-            _all_finite(loss, step + 1, info)
+            check_finite(loss, step + 1, info)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)

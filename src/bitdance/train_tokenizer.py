@@ -47,6 +47,7 @@ from bitdance.utils import (
     cleanup_distributed,
     config_from_dict,
     cosine_lr,
+    find_resume_checkpoint,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -122,17 +123,6 @@ def _ema_decay(base: float, step: int) -> float:
 
 def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
-
-
-def _find_resume(cfg: TokenizerTrainConfig, out: Path) -> Path | None:
-    if cfg.resume:
-        p = Path(cfg.resume)
-        p = p / CHECKPOINT_NAME if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"--resume: no checkpoint at {p}")
-        return p
-    own = out / CHECKPOINT_NAME
-    return own if own.is_file() else None
 
 
 class _JsonlLog:
@@ -231,7 +221,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     lpips = LPIPS(LPIPSConfig(cfg.lpips_weights)).to(device) if cfg.lpips_weight > 0 else None
 
     step, train_s = 0, 0.0  # optimizer steps done, seconds spent in training steps (evals excluded)
-    ckpt_path = _find_resume(cfg, out)
+    ckpt_path = find_resume_checkpoint(cfg.resume, out, CHECKPOINT_NAME)
     if ckpt_path is not None:
         step, train_s = _restore(ckpt_path, tok_cfg, model, ema, opt, disc, disc_opt, lecam)
         logger.info("resumed from %s at step %d", ckpt_path, step)
@@ -335,7 +325,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                     terms["g_loss"] = generator_loss(disc(rec).float(), cfg.gen_loss)
                 disc.requires_grad_(True)
                 loss = loss + cfg.disc_weight * terms["g_loss"]
-            _check_finite_all(loss, step + 1, info)
+            check_finite(loss, step + 1, info)
 
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -403,14 +393,6 @@ def _out_of_time(train_s: float, budget_s: float, info) -> bool:
     if info.enabled:
         dist.broadcast(flag.to(info.device), src=0)
     return bool(flag.item())
-
-
-def _check_finite_all(loss: torch.Tensor, step: int, info) -> None:
-    """Every rank stops together: a NaN on one rank must not leave the others waiting in all-reduce."""
-    bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
-    if info.enabled:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    check_finite(loss if bad.item() == 0 else torch.tensor(float("nan")), step)
 
 
 def _state(cfg, tok_cfg, model, ema, opt, disc, disc_opt, lecam, step: int) -> dict:

@@ -190,13 +190,34 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Stop a run with a clear message instead of training on NaNs."""
-    if not torch.isfinite(loss).all():
+def check_finite(loss: torch.Tensor, step: int, info: DistInfo | None = None) -> None:
+    """Stop a run with a clear message instead of training on NaNs.
+
+    Under DDP pass `info`: the ranks agree first, so a NaN on one rank stops all of them together instead of
+    leaving the others waiting in the next all-reduce.
+    """
+    finite = bool(torch.isfinite(loss).all())
+    if info is not None and info.enabled:
+        bad = torch.tensor(0.0 if finite else 1.0, device=loss.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        finite = bad.item() == 0
+    if not finite:
         raise FloatingPointError(
-            f"loss is {loss.item()} at step {step}; stopping. The last good checkpoint is kept. "
+            f"loss is {loss.item() if loss.numel() == 1 else 'not finite'} at step {step}; stopping. The last good checkpoint is kept. "
             "Try a lower learning rate or --dtype float32."
         )
+
+
+def find_resume_checkpoint(resume: str | os.PathLike | None, out: Path, name: str = "checkpoint.pt") -> Path | None:
+    """The checkpoint to resume from: `resume` (a file, or a run folder holding `name`), else out/name if present."""
+    if resume:
+        p = Path(resume)
+        p = p / name if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"--resume: no checkpoint at {p}")
+        return p
+    own = Path(out) / name
+    return own if own.is_file() else None
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_lr: float = 0.0) -> float:
