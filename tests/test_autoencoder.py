@@ -23,15 +23,6 @@ from bitdance.models.quantizer import bits_to_indices
 from bitdance.utils import UserError, count_parameters, save_checkpoint, write_json
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tests are tiny; on a small shared CPU one intra-op thread avoids OpenMP oversubscription stalls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

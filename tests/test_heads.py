@@ -12,15 +12,6 @@ from bitdance.models.diffusion_head import HEAD_PRESETS, DiffusionHead, HeadConf
 from bitdance.utils import UserError, count_parameters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine's 2 cores are shared: 2 intra-op threads under load run these tiny nets ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(parallel=1, **kw):
     return replace(HEAD_PRESETS["tiny"](), parallel=parallel, **kw)
 

@@ -9,15 +9,6 @@ from bitdance.sampling import cfg_scale_at, generate
 from bitdance.utils import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core box: extra intra-op threads only spin (measured ~100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(parallel=1, seed=0, **kw):
     """Tiny model; the head's zero-initialised output layers are randomised so that samples depend on the
     condition (otherwise cached vs cache-free equality would hold trivially)."""

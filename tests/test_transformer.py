@@ -20,15 +20,6 @@ def randomize_head(model, seed=0):
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls on a shared 2-core box: extra intra-op threads only spin (measured ~100x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(preset="tiny", parallel=1, seed=0, **kw):
     torch.manual_seed(seed)
     return BitDance(BITDANCE_PRESETS[preset](parallel=parallel, **kw))
