@@ -24,8 +24,9 @@ data:
 	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
+# The main job: a labelled grid (every class, 8 samples each) from the built-in Fashion-MNIST model.
 generate: setup
-	$(VENV)/bin/bitdance demo --out outputs/quickstart
+	$(VENV)/bin/bitdance sample --num-images 8 --seed 0 --out outputs/samples.png
 
 test: setup
 	$(PY) -m pytest -q

@@ -50,3 +50,30 @@ def test_ema_and_lr():
     assert torch.equal(ema.weight, model.weight)
     assert cosine_lr(0, 1.0, warmup=10, total=100) == 0.1
     assert abs(cosine_lr(100, 1.0, warmup=10, total=100, min_lr=0.1) - 0.1) < 1e-9
+
+
+def test_save_pretrained_half_precision_loads_back_as_fp32(tmp_path):
+    from dataclasses import dataclass
+
+    from bitdance.utils import PretrainedMixin
+
+    @dataclass
+    class Cfg:
+        width: int = 4
+
+    class Net(nn.Module, PretrainedMixin):
+        config_class = Cfg
+
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.lin = nn.Linear(config.width, config.width)
+
+    net = Net(Cfg())
+    net.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    full = (tmp_path / "full")
+    net.save_pretrained(full)
+    back = Net.from_pretrained(tmp_path / "half")
+    assert back.lin.weight.dtype == torch.float32
+    assert torch.equal(back.lin.weight, net.lin.weight.half().float())
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size

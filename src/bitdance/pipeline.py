@@ -110,10 +110,11 @@ class BitDancePipeline:
         check_compatible(tokenizer, model, where=str(root))
         return cls(tokenizer, model, index.get("class_names"), dtype=dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write the pipeline folder; `dtype` (e.g. torch.float16) stores the weights at half precision."""
         directory = Path(directory)
-        self.tokenizer.save_pretrained(directory / "tokenizer")
-        self.model.save_pretrained(directory / "generator")
+        self.tokenizer.save_pretrained(directory / "tokenizer", dtype=dtype)
+        self.model.save_pretrained(directory / "generator", dtype=dtype)
         h, w = self.image_size
         write_json({"_class_name": type(self).__name__,
                     "tokenizer": ["bitdance", type(self.tokenizer).__name__],

@@ -143,14 +143,21 @@ class PretrainedMixin:
 
     config_class: type
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from safetensors.torch import save_model
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write config.json + model.safetensors. `dtype` (e.g. torch.float16) stores floating-point weights at
+        that precision to halve the files; `from_pretrained` casts them back to the model's dtype."""
+        from safetensors.torch import save_file, save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_json({"_class_name": type(self).__name__, **asdict(self.config)}, directory / CONFIG_NAME)
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_model(self, str(tmp))
+            if dtype is None:
+                save_model(self, str(tmp))
+            else:
+                state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+                         for k, v in self.state_dict().items()}
+                save_file(state, str(tmp))
         return directory
 
     @classmethod
