@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitdance.models.diffusion_head import HeadConfig, validate_head_config
+from bitdance.models.diffusion_head import HeadConfig, check_head_inputs, validate_head_config
 from bitdance.utils import fp32_island
 
 
@@ -38,13 +38,6 @@ class BitwiseHead(nn.Module):
         out = self.linear(cond.to(w.dtype)).float()  # (m, p, 2 k)
         return out.view(*cond.shape[:2], self.config.token_bits, 2)
 
-    def _check(self, cond: torch.Tensor, target: torch.Tensor | None = None) -> None:
-        if cond.ndim != 3 or cond.shape[-1] != self.config.cond_dim:
-            raise ValueError(f"cond must be (b, p, {self.config.cond_dim}), got {tuple(cond.shape)}")
-        if target is not None and target.shape != (*cond.shape[:2], self.config.token_bits):
-            want = (*cond.shape[:2], self.config.token_bits)
-            raise ValueError(f"target must be {want}, got {tuple(target.shape)}")
-
     def loss(
         self,
         cond: torch.Tensor,
@@ -53,7 +46,7 @@ class BitwiseHead(nn.Module):
         reduction: str = "mean",
     ) -> torch.Tensor:
         """Mean per-bit cross-entropy. Deterministic, so diff_batch_mul repeats would change nothing."""
-        self._check(cond, target)
+        check_head_inputs(self.config, cond, target)
         with fp32_island(cond.device.type):
             logits = self.logits(cond.float())  # (b, p, k, 2)
             labels = (target > 0).long()  # (b, p, k): +1 -> class 1
@@ -77,7 +70,7 @@ class BitwiseHead(nn.Module):
 
         cfg_scale float: cond is [cond; uncond] and logits mix as u + s (c - u). temperature <= 0: argmax.
         """
-        self._check(cond)
+        check_head_inputs(self.config, cond)
         m = cond.shape[0]
         if cfg_scale is not None and m % 2:
             raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")

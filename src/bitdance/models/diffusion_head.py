@@ -252,6 +252,16 @@ class TransEncoder(_Encoder):
 # ----------------------------------------------------------------------------------------------
 
 
+def check_head_inputs(config: HeadConfig, cond: torch.Tensor, target: torch.Tensor | None = None) -> None:
+    """Shapes both heads accept: cond (b, p, cond_dim), p = config.parallel for patch heads; target (b, p, k)."""
+    if cond.ndim != 3 or cond.shape[-1] != config.cond_dim:
+        raise ValueError(f"cond must be (b, p, {config.cond_dim}), got {tuple(cond.shape)}")
+    if config.parallel > 1 and cond.shape[1] != config.parallel:
+        raise ValueError(f"this head takes patches of {config.parallel} tokens, got {cond.shape[1]}")
+    if target is not None and target.shape != (*cond.shape[:2], config.token_bits):
+        raise ValueError(f"target must be {(*cond.shape[:2], config.token_bits)}, got {tuple(target.shape)}")
+
+
 class DiffusionHead(nn.Module):
     """Binary diffusion head (`self.net` + a weight-free `RectifiedFlow`).
 
@@ -295,15 +305,6 @@ class DiffusionHead(nn.Module):
             out = 2 * torch.sigmoid(out) - 1  # T2I: x_hat in (-1, 1)
         return out
 
-    def _check(self, cond: torch.Tensor, target: torch.Tensor | None = None) -> None:
-        if cond.ndim != 3 or cond.shape[-1] != self.config.cond_dim:
-            raise ValueError(f"cond must be (b, p, {self.config.cond_dim}), got {tuple(cond.shape)}")
-        if self.config.parallel > 1 and cond.shape[1] != self.config.parallel:
-            raise ValueError(f"this head takes patches of {self.config.parallel} tokens, got {cond.shape[1]}")
-        if target is not None and target.shape != (*cond.shape[:2], self.config.token_bits):
-            want = (*cond.shape[:2], self.config.token_bits)
-            raise ValueError(f"target must be {want}, got {tuple(target.shape)}")
-
     def loss(
         self,
         cond: torch.Tensor,
@@ -316,7 +317,7 @@ class DiffusionHead(nn.Module):
         The 1x head draws one t per token, the patch head one t per patch (ref §4.2). reduction "none"
         returns the per-token loss (b, p), averaged over bits and repeats (the T2I trainer's reduction).
         """
-        self._check(cond, target)
+        check_head_inputs(self.config, cond, target)
         b, p, _ = cond.shape
         m = self.config.diff_batch_mul
         with fp32_island(cond.device.type):
@@ -341,7 +342,7 @@ class DiffusionHead(nn.Module):
         binarize: bool = True,
     ) -> torch.Tensor:
         """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: [cond; uncond] (2b rows)."""
-        self._check(cond)
+        check_head_inputs(self.config, cond)
         m, p, _ = cond.shape
         if cfg_scale is not None and m % 2:
             raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
