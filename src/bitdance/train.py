@@ -44,6 +44,7 @@ from bitdance.utils import (
     cleanup_distributed,
     cosine_lr,
     find_resume_checkpoint,
+    JsonlLog,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -267,26 +268,8 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-class LossLog:
-    """losses.jsonl on rank 0; on resume, rows from beyond the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, start_step: int, enabled: bool):
-        self.path, self.enabled, self.rows = path, enabled, []
-        if enabled and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if row.get("step", 0) <= start_step:
-                    self.rows.append(row)
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            self.rows.append(row)
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+class LossLog(JsonlLog):
+    """The generator's losses.jsonl, plus its loss-curve plot."""
 
     def plot(self, out: Path) -> None:
         if self.enabled and self.rows:

@@ -48,6 +48,7 @@ from bitdance.utils import (
     config_from_dict,
     cosine_lr,
     find_resume_checkpoint,
+    JsonlLog,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -125,28 +126,8 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
-class _JsonlLog:
-    """losses.jsonl on rank 0; on resume, lines from beyond the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, start_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        self.rows: list[dict] = []
-        if enabled and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-                if row.get("step", 0) <= start_step:
-                    self.rows.append(row)
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+class TokenizerLog(JsonlLog):
+    """The tokenizer's losses.jsonl, plus its loss and test-PSNR curves."""
 
     def plot(self, out: Path) -> None:
         if not self.enabled:
@@ -242,7 +223,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             dnet = nn.parallel.DistributedDataParallel(disc)
     batches = InfiniteBatches(dataset, local_batch, info.rank, info.world_size, cfg.seed, start_step=step)
     fixed, _ = dataset.get_batch(eval_indices(len(dataset), 8))  # (8, c, H, W) for the reconstruction grid
-    log = _JsonlLog(out / "losses.jsonl", step, main)
+    log = TokenizerLog(out / "losses.jsonl", step, main)
     eval_set = None
 
     def evaluate(at_step: int) -> dict:

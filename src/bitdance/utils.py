@@ -311,6 +311,33 @@ def get_logger(run_dir: str | os.PathLike | None = None, is_main: bool = True, n
     return logger
 
 
+class JsonlLog:
+    """Append-only JSONL metrics log (losses.jsonl) written on the main rank.
+
+    On resume, rows from beyond the checkpoint's step are dropped (they were logged after the last good save),
+    as are lines cut short by a crash. `rows` keeps everything for plotting.
+    """
+
+    def __init__(self, path: Path, start_step: int, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        self.rows: list[dict] = []
+        if enabled and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= start_step:
+                    self.rows.append(row)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            self.rows.append(row)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, the official mapping clamp(127.5 y + 128)."""
     x = (images.detach().float().cpu() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8)
