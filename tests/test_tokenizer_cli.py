@@ -121,3 +121,25 @@ def test_torchrun_two_ranks(folder, tmp_path):
     assert proc.stdout.strip().splitlines() == [str(out / "model")]  # rank 0 prints, once
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert "2 per rank x 2" in (out / "log.txt").read_text()
+
+
+def test_eval_saves_reconstructions_for_rfid(trained, folder, tmp_path, capsys):
+    import numpy as np
+
+    from bitdance.data import load_dataset
+    from bitdance.evaluation.npz import load_npz
+
+    npz = tmp_path / "recon.npz"
+    assert main(["tokenizer", "eval", "--model", str(trained / "model"), "--data", str(folder), "--json",
+                 "--save-reconstructions", str(npz)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    images, labels = load_npz(npz)
+    assert images.shape == (12, 16, 16, 3) and images.dtype == np.uint8
+    real_images, real_labels = load_dataset(folder, 16, 3).get_batch(range(12))
+    assert labels.tolist() == real_labels.tolist()  # same order as the data set
+    real = to_uint8(real_images).numpy().astype(np.float64)
+    mse = ((images.astype(np.float64) - real) ** 2).mean(axis=(1, 2, 3))
+    psnr = (10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))).mean()
+    assert abs(psnr - res["psnr"]) < 0.5  # the saved images are the reconstructions that were scored
+    _error_line(capsys, ["tokenizer", "eval", "--model", str(trained / "model"), "--data", str(folder),
+                         "--save-reconstructions", str(tmp_path / "recon.png")])

@@ -150,11 +150,15 @@ class ReconstructionMeter:
 
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer, dataset, num_images: int | None = None, batch_size: int = 64,
-                       device=None, progress: bool = False) -> dict:
-    """PSNR / SSIM / bit usage / per-group perplexity of `tokenizer` on evenly spaced images of `dataset`."""
+                       device=None, progress: bool = False, reconstructions: list | None = None) -> dict:
+    """PSNR / SSIM / bit usage / per-group perplexity of `tokenizer` on evenly spaced images of `dataset`.
+
+    Pass a list as `reconstructions` to also collect (uint8 (b, H, W, c) reconstructions, labels (b,)) per
+    batch, e.g. for the reconstruction FID."""
     from tqdm import tqdm
 
     from bitdance.data import eval_indices
+    from bitdance.utils import to_uint8
 
     device = torch.device(device) if device is not None else next(tokenizer.parameters()).device
     was_training = tokenizer.training
@@ -162,9 +166,11 @@ def evaluate_tokenizer(tokenizer, dataset, num_images: int | None = None, batch_
     meter = ReconstructionMeter(group_size=tokenizer.config.group_size)
     chunks = eval_indices(len(dataset), num_images).split(batch_size)
     for idx in tqdm(chunks, desc="evaluating", unit="batch", disable=not progress):
-        images, _ = dataset.get_batch(idx)
+        images, labels = dataset.get_batch(idx)
         out = tokenizer(images.to(device))
         meter.update(images.to(device), out.reconstruction.float(), out.quant.indices)
+        if reconstructions is not None:
+            reconstructions.append((to_uint8(out.reconstruction.float().cpu()).numpy(), labels))
     tokenizer.train(was_training)
     result = meter.compute()
     result["quantizer"] = tokenizer.config.quantizer

@@ -96,6 +96,9 @@ def register(subparsers) -> None:
     e.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: 100)")
     e.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.add_argument("--save-reconstructions", default=None, metavar="FILE.npz",
+                   help="also write the reconstructions as an ADM-style .npz (score it with `bitdance eval fid "
+                   "--samples FILE.npz` for the reconstruction FID)")
     e.set_defaults(func=run_eval)
 
     r = sub.add_parser("reconstruct", help="encode and decode images; write original | reconstruction PNGs")
@@ -151,9 +154,21 @@ def run_eval(args) -> int:
         raise UserError("--batch-size must be at least 1")
     tok, dev, path = _load_model(args.model, args.device)
     data = load_dataset(args.data, tok.config.resolution, tok.config.in_channels, split=args.split)
-    res = evaluate_tokenizer(tok, data, args.num_images, args.batch_size, dev, progress=not args.json)
+    if args.save_reconstructions and not args.save_reconstructions.endswith(".npz"):
+        raise UserError(f"--save-reconstructions must end in .npz, got {args.save_reconstructions}")
+    recons = [] if args.save_reconstructions else None
+    res = evaluate_tokenizer(tok, data, args.num_images, args.batch_size, dev, progress=not args.json,
+                             reconstructions=recons)
     res = {"model": str(path), "data": str(args.data), "split": args.split, **res,
            "skipped_images": data.skipped}
+    if recons is not None:
+        import numpy as np
+
+        from bitdance.evaluation.npz import save_npz
+
+        labels = None if recons[0][1] is None else np.concatenate([np.asarray(lab) for _, lab in recons])
+        save_npz(args.save_reconstructions, np.concatenate([img for img, _ in recons]), labels)
+        res["reconstructions"] = args.save_reconstructions
     if args.json:
         print(json.dumps(res))
     else:
