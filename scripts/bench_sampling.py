@@ -7,6 +7,8 @@ head vs backbone, count FLOPs per image, and check that the cache-free path give
 
     python scripts/bench_sampling.py                       # ~3-5 minutes on a 2-core CPU
     python scripts/bench_sampling.py --batch-sizes 1 16 32 --head-steps 50 --threads 2 --out runs/bench_sampling
+    python scripts/bench_sampling.py --device cuda --batch-sizes 1 500 --out runs/bench_sampling_gpu
+    python scripts/bench_sampling.py --head bitwise --parallel 4 --out runs/bench_sampling_bitwise
 
 Writes OUT/bench_sampling.json and OUT/bench_sampling.png (bar chart of images/s).
 """
@@ -28,17 +30,22 @@ from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.sampling import generate
 
 
-def build(parallel: int, seed: int = 0) -> BitDance:
+def build(parallel: int, head: str = "diffusion", seed: int = 0, device="cpu") -> BitDance:
     """fmnist preset at random init; the head's zero-initialised output layers get small random weights so that
     samples depend on the condition (timing is the same either way, the cache check is not)."""
     torch.manual_seed(seed)
-    model = BitDance(BITDANCE_PRESETS["fmnist"](parallel=parallel)).eval()
+    model = BitDance(BITDANCE_PRESETS["fmnist"](parallel=parallel, head=head)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.head.parameters():
             if p.abs().max() == 0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
+    return model.to(device)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Split:
@@ -48,12 +55,13 @@ class Split:
         self.t = {"head": 0.0, "backbone": 0.0}
         self.calls = 0
         self.model = model
+        self.device = next(model.parameters()).device
         self._orig = {}
         for name, key in (("sample", "head"),):
             self._wrap(model.head, name, key)
         for name in ("prefill", "decode_step", "prefix_conditions"):
             self._wrap(model, name, "backbone")
-        net = model.head.net
+        net = getattr(model.head, "net", model.head)  # the bitwise head is one layer, called once per AR step
         fwd = net.forward
 
         def counted(*a, **k):
@@ -68,8 +76,10 @@ class Split:
         self._orig[(obj, name)] = fn
 
         def timed(*a, **k):
+            sync(self.device)
             t0 = time.perf_counter()
             out = fn(*a, **k)
+            sync(self.device)  # GPU: the split costs a sync per call, so read it as a share, not as a speed
             self.t[key] += time.perf_counter() - t0
             return out
 
@@ -81,11 +91,14 @@ class Split:
 
 
 def run_once(model, labels, head_steps, use_cache, seed=0, split=False):
+    device = labels.device
     s = Split(model) if split else None
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():  # as BitDancePipeline samples
-        codes = generate(model, labels, num_steps=head_steps, generator=torch.Generator().manual_seed(seed),
-                         use_cache=use_cache, progress=False)
+        codes = generate(model, labels, num_steps=head_steps, use_cache=use_cache, progress=False,
+                         generator=torch.Generator(device=device).manual_seed(seed))
+    sync(device)
     dt = time.perf_counter() - t0
     if s is not None:
         s.restore()
@@ -96,11 +109,13 @@ def flops_per_image(model, head_steps) -> dict:
     """FLOPs of sampling one image (CFG on), head vs backbone; linear in head steps, so count 1 and 2 steps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    labels = torch.zeros(1, dtype=torch.long)
+    device = next(model.parameters()).device
+    labels = torch.zeros(1, dtype=torch.long, device=device)
     counts = []
     for n in (1, 2):
         with FlopCounterMode(display=False) as fc:
-            generate(model, labels, num_steps=n, generator=torch.Generator().manual_seed(0), progress=False)
+            generate(model, labels, num_steps=n, generator=torch.Generator(device=device).manual_seed(0),
+                     progress=False)
         counts.append(fc.get_total_flops())
     per_head_step = counts[1] - counts[0]  # one more net call (+ its update) at every AR step
     total = counts[0] + (head_steps - 1) * per_head_step
@@ -119,39 +134,46 @@ def main(argv=None) -> int:
                     help="batch size for the cache-free runs (default: the largest of --batch-sizes)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy "
                     "2-core machine: spinning threads cost more than they give on these small matmuls)")
+    ap.add_argument("--head", default="diffusion", choices=("diffusion", "bitwise"), help="token head")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings include a sync per timed call)")
     ap.add_argument("--out", default="runs/bench_sampling")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cf_batch = args.cache_free_batch or max(args.batch_sizes)
-    res = {"preset": "fmnist", "grid": [8, 8], "token_bits": 32, "head_steps": args.head_steps, "cfg": "on",
-           "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    res = {"preset": "fmnist", "grid": [8, 8], "token_bits": 32, "head": args.head, "head_steps": args.head_steps,
+           "cfg": "on", "threads": args.threads, "torch": torch.__version__, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "cpu": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "runs": []}
     t_start = time.time()
 
-    tok = ImageTokenizer(TOKENIZER_PRESETS["fmnist"]()).eval()
+    tok = ImageTokenizer(TOKENIZER_PRESETS["fmnist"]()).eval().to(device)
     with torch.no_grad():
-        codes = torch.where(torch.randn(16, 32, 8, 8) > 0, 1.0, -1.0)
+        codes = torch.where(torch.randn(16, 32, 8, 8, device=device) > 0, 1.0, -1.0)
         tok.decode(codes[:1])
+        sync(device)
         t0 = time.perf_counter()
         tok.decode(codes)
+        sync(device)
         res["decode_16_images_s"] = round(time.perf_counter() - t0, 4)
 
     models, flops = {}, {}
     for p in args.parallel:
-        models[p] = build(p)
+        models[p] = build(p, args.head, device=device)
         flops[p] = flops_per_image(models[p], args.head_steps)
-        with torch.inference_mode():
-            generate(models[p], torch.zeros(2, dtype=torch.long), num_steps=2, progress=False)  # warm-up
+        with torch.inference_mode():  # warm-up
+            generate(models[p], torch.zeros(2, dtype=torch.long, device=device), num_steps=2, progress=False)
 
     for b in args.batch_sizes:
         # round robin over P, repeated: a machine whose load drifts during the run biases no setting
         best, first_codes = {}, {}
         for r in range(args.repeats):
             for p in args.parallel:
-                labels = torch.arange(b) % models[p].config.num_classes
+                labels = torch.arange(b, device=device) % models[p].config.num_classes
                 codes, dt, split = run_once(models[p], labels, args.head_steps, True, seed=r, split=True)
                 first_codes.setdefault(p, codes)
                 if p not in best or dt < best[p][0]:
@@ -161,7 +183,8 @@ def main(argv=None) -> int:
             row = {"parallel": p, "ar_steps": model.config.num_steps, "batch": b, "cache": True,
                    "seconds": round(dt, 3), "img_per_s": round(b / dt, 3),
                    "head_s": round(split.t["head"], 3), "backbone_s": round(split.t["backbone"], 3),
-                   "head_net_calls": split.calls, "ms_per_head_call": round(1000 * split.t["head"] / split.calls, 3),
+                   "head_net_calls": split.calls,
+                   "ms_per_head_call": round(1000 * split.t["head"] / max(split.calls, 1), 3),
                    "head_gflop_per_s": round(fl["head_gflop"] * b / split.t["head"], 2),
                    **{k: round(v, 3) for k, v in fl.items()}}
             print(f"P={p:2d} batch={b:3d} cached    {row['img_per_s']:8.2f} img/s  ({dt:6.2f} s; head "
@@ -172,7 +195,7 @@ def main(argv=None) -> int:
         if not args.cache_free or b != cf_batch:
             continue
         for p in args.parallel:
-            labels = torch.arange(b) % models[p].config.num_classes
+            labels = torch.arange(b, device=device) % models[p].config.num_classes
             nc_codes, nc_dt, nc_split = run_once(models[p], labels, args.head_steps, False, seed=0, split=True)
             same = (nc_codes == first_codes[p]).float().mean()  # same seed: both paths make the same draws
             res["runs"].append({"parallel": p, "ar_steps": models[p].config.num_steps, "batch": b, "cache": False,
@@ -230,7 +253,8 @@ def plot(res: dict, path: Path) -> None:
         ax.set_ylabel("images / s")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"BitDance fmnist sampling, CPU ({res['threads']} thread(s)), CFG on")
+    where = f"CPU ({res['threads']} thread(s))" if res.get("device", "cpu") == "cpu" else res["device_name"]
+    fig.suptitle(f"BitDance fmnist sampling ({res.get('head', 'diffusion')} head), {where}, CFG on")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
