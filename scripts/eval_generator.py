@@ -53,10 +53,12 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     import torch
 
     from bitdance.evaluation.npz import generate_samples, save_npz
+    from bitdance.pipeline import BitDancePipeline
     from bitdance.utils import resolve_device
 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
+    pipe = BitDancePipeline.from_pretrained(model, device=device)  # loaded once: the timing is sampling alone
     common = ["--device", str(device), "--json"]
     done_path = out / "results.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else []
@@ -69,13 +71,12 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
             rows.append(same[0])
             continue
         sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, device=device)
-        generate_samples(model, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        images, labels, settings = generate_samples(model, args.num_samples, batch_size=args.batch_size,
+        generate_samples(pipe, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
+        start = time.perf_counter()  # the pipeline returns host arrays, so the GPU has finished when it returns
+        images, labels, settings = generate_samples(pipe, args.num_samples, batch_size=args.batch_size,
                                                     seed=args.seed, **sample_kw)
         seconds = time.perf_counter() - start
+        settings["model"] = model
         npz = out / f"samples_cfg{tag}.npz"
         save_npz(npz, images, labels)
         fid_cmd = bitdance_cmd() + ["eval", "fid", "--samples", str(npz), "--data", args.data,

@@ -101,7 +101,8 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                      batch_size: int = 50, seed: int = 0, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, device=None, progress: bool = True
                      ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Sample `num_samples` images from a saved pipeline, classes cycled 0..C-1.
+    """Sample `num_samples` images from a saved pipeline (a folder, 'builtin', or a loaded BitDancePipeline),
+    classes cycled 0..C-1.
 
     Batch i starts at global index s = i * batch_size and uses its own generator seeded with
     `seed * 1_000_003 + s`, so no two batches (and no two classes) share noise and a run is reproducible
@@ -114,7 +115,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
 
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    pipe = BitDancePipeline.from_pretrained(model)
+    pipe = model if isinstance(model, BitDancePipeline) else BitDancePipeline.from_pretrained(model)
     if device is not None and hasattr(pipe, "to"):
         pipe = pipe.to(device) or pipe
     num_classes = getattr(pipe, "num_classes", None) or num_classes
@@ -128,7 +129,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gen,
                    output_type="np", progress=False)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
-    settings = {"model": str(model), "num_samples": num_samples, "num_classes": int(num_classes),
+    settings = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale}
