@@ -69,6 +69,22 @@ def test_sample_npz_is_reproducible_and_in_label_order(trained, tmp_path):
     assert not np.array_equal(load_npz(tmp_path / "c.npz")[0], images)
 
 
+def test_threads_flag(trained, tmp_path, capsys):
+    import torch
+
+    out, _, _ = trained
+    before = torch.get_num_threads()
+    try:
+        assert main(["--threads", "2", "sample", "--model", str(out), "--class-label", "0", "--num-images", "1",
+                     "--no-progress", "--out", str(tmp_path / "t.png")]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert main(["--threads", "0", "sample", "--model", str(out), "--out", str(tmp_path / "u.png")]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "u.png").exists()
+
+
 def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
     out, _, _ = trained
     monkeypatch.setattr(pl, "builtin_path", lambda: tmp_path / "no_builtin")

@@ -21,10 +21,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bitdance",
         description="Autoregressive image generation with binary visual tokens (BitDance).",
     )
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for PyTorch (default: its own choice, one per core). On a machine "
+                        "shared with other jobs, 1 avoids threads waiting on each other")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"bitdance.commands.{name}").register(sub)
     return parser
+
+
+def set_threads(n: int) -> None:
+    if n < 1:
+        raise UserError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.threads is not None:
+            set_threads(args.threads)
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"bitdance: error: {e}", file=sys.stderr)
