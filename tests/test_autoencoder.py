@@ -6,13 +6,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from bitdance.models.autoencoder import (
-    OFFICIAL_CONFIG_NAME,
-    OFFICIAL_WEIGHTS_NAME,
     TOKENIZER_PRESETS,
     AdaptiveGroupNorm,
     ImageTokenizer,
     TokenizerConfig,
     depth_to_space_dcr,
+)
+from bitdance.models.autoencoder_official import (
+    OFFICIAL_CONFIG_NAME,
+    OFFICIAL_WEIGHTS_NAME,
     official_ae_config,
     official_key_shapes,
     preset_name,

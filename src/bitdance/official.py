@@ -270,11 +270,12 @@ def _check_shapes(model: torch.nn.Module, state: dict, source: str) -> None:
 
 def tokenizer_from_state(state: dict[str, torch.Tensor], source: str):
     """An official tokenizer state dict (the checkpoint's own `vae.*`) -> ImageTokenizer, strictly."""
-    from bitdance.models import autoencoder as ae
+    from bitdance.models.autoencoder import ImageTokenizer
+    from bitdance.models.autoencoder_official import infer_config
 
     state = {k: v for k, v in state.items() if not k.startswith("quantize.")}  # quantizer buffers: not weights
-    config = ae.infer_config(state, source)
-    model = ae.ImageTokenizer(config)
+    config = infer_config(state, source)
+    model = ImageTokenizer(config)
     _check_shapes(model, state, source)
     model.load_state_dict(state, strict=True)
     return model.eval()
