@@ -21,12 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tokenizer import bitdance_cmd  # noqa: E402  (the one way our scripts find the CLI)
+
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def bitdance_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("bitdance")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "bitdance.cli"]
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -95,7 +93,8 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "threads": torch.get_num_threads(), "samples": str(npz), "settings": settings})
         print(format_rows(rows[-1:]), flush=True)
-        done_path.write_text(json.dumps(rows, indent=2))
+        kept = [r for r in done if r not in rows and r["model"] == model]  # other settings scored earlier
+        done_path.write_text(json.dumps(rows + kept, indent=2))
     return rows
 
 
