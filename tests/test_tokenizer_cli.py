@@ -61,6 +61,10 @@ def test_eval_json_and_reconstruct(trained, folder, tmp_path, capsys):
 
     assert main(["tokenizer", "eval", "--model", str(trained), "--data", str(folder), "--num-images", "3"]) == 0
     assert "PSNR" in capsys.readouterr().out  # a run folder works as --model, human-readable table
+    # without --model: the built-in tokenizer (1 channel, 32x32; the RGB 16x16 images are converted)
+    assert main(["tokenizer", "eval", "--data", str(folder), "--num-images", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["model"].endswith("builtin/tokenizer") and res["num_images"] == 3 and res["bits_per_token"] == 32
 
     imgs = [str(folder / "circle" / "img0.png"), str(folder / "diamond" / "img2.png")]
     assert main(["tokenizer", "reconstruct", "--model", str(trained / "model"), *imgs, "--out", str(tmp_path)]) == 0
@@ -78,7 +82,9 @@ def test_error_paths_give_one_line(trained, folder, tmp_path, capsys):
     line = _error_line(capsys, ["tokenizer", "reconstruct", "--model", str(trained / "model"),
                                 str(folder / "square" / "corrupt.png"), "--out", str(tmp_path)])
     assert "corrupt.png" in line
-    _error_line(capsys, ["tokenizer", "eval", "--data", str(folder)])  # no --model and no built-in yet
+    (tmp_path / "no_tokenizer").mkdir()
+    line = _error_line(capsys, ["tokenizer", "eval", "--model", str(tmp_path / "no_tokenizer"), "--data", str(folder)])
+    assert "no tokenizer found" in line
 
     # a checkpoint whose weights do not match its config
     bad = tmp_path / "bad_model"

@@ -60,6 +60,19 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def resolve_tokenizer_path(path: str | os.PathLike = "builtin") -> Path:
+    """The tokenizer weights folder behind `path`: itself, a pipeline's `tokenizer/` ("builtin": the packaged
+    model's), or a training run's `model/` (a tokenizer run) or `model/tokenizer/` (a generator run)."""
+    root = resolve_model_path(path) if str(path) == "builtin" else Path(path)
+    if not root.exists():
+        raise UserError(f"tokenizer folder not found: {root}")
+    for candidate in (root, root / "tokenizer", root / "model", root / "model" / "tokenizer"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    raise UserError(f"no tokenizer found in {root} (expected config.json + model.safetensors, or a pipeline or "
+                    "run folder holding one)")
+
+
 def decode_codes(tokenizer: ImageTokenizer, codes: torch.Tensor, generator: torch.Generator | None = None):
     """±1 token codes (b, k, h, w) -> images (b, c, H, W). A VQ tokenizer's tokens are its index bits."""
     if tokenizer.config.quantizer == "vq":

@@ -102,6 +102,8 @@ class TokenizerTrainConfig:
     eval_split: str = "test"
     eval_images: int = 1000
     resume: str | None = None  # checkpoint file or run folder; the out folder's own checkpoint is auto-resumed
+    init_from: str | None = None  # tokenizer folder (save_pretrained) to start from; its config replaces the preset's
+    decoder_only: bool = False  # freeze encoder + quantizer: codes stay bit-identical, generators stay valid
     progress: bool = True
 
 
@@ -179,16 +181,36 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         raise UserError("--lpips-weight > 0 needs --lpips-weights PATH (a local file; nothing is downloaded)")
     resolve_dtype(cfg.dtype)
     local_batch = cfg.batch_size // info.world_size
-    tok_cfg = build_tokenizer_config(cfg)
+    init = None
+    if cfg.init_from:
+        if cfg.quantizer is not None or cfg.group_size is not None:
+            raise UserError("--init-from takes the tokenizer config from that folder; drop --quantizer/--group-size")
+        from bitdance.pipeline import resolve_tokenizer_path
+
+        init = ImageTokenizer.from_pretrained(resolve_tokenizer_path(cfg.init_from))
+        tok_cfg = init.config
+    elif cfg.decoder_only:
+        raise UserError("--decoder-only fine-tunes an existing tokenizer's decoder: give --init-from FOLDER")
+    else:
+        tok_cfg = build_tokenizer_config(cfg)
 
     dataset = load_dataset(cfg.data, tok_cfg.resolution, tok_cfg.in_channels, split="train")
     logger.info("data: %s, %d images at %dx%d, %d channel(s)%s", dataset.source, len(dataset), dataset.resolution,
                 dataset.resolution, dataset.channels, f", {dataset.skipped} skipped" if dataset.skipped else "")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = ImageTokenizer(tok_cfg).to(device)
+    model = ImageTokenizer(tok_cfg)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    model.to(device)
+    if cfg.decoder_only:
+        # the encoder and quantizer define the codes a generator was trained on: frozen, they stay bit-identical
+        # (the EMA of an unchanged tensor is that tensor), so only the image decoded from each code changes
+        model.encoder.requires_grad_(False)
+        model.quantize.requires_grad_(False)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
     disc = disc_opt = lecam = None
     if cfg.disc_weight > 0:
@@ -211,9 +233,10 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         write_json({"train": asdict(cfg), "tokenizer": asdict(tok_cfg), "world_size": info.world_size,
                     "data": {"source": dataset.source, "num_images": len(dataset), "skipped": dataset.skipped,
                              "class_names": dataset.class_names}}, out / "config.json")
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info("tokenizer %s (%s, %d bits/token), %.2f M parameters; %d steps, batch %d (%d per rank x %d)",
-                cfg.preset, tok_cfg.quantizer, tok_cfg.z_channels, n_params / 1e6, cfg.steps, cfg.batch_size,
+    n_params = sum(p.numel() for p in trainable)
+    logger.info("tokenizer %s (%s, %d bits/token), %.2f M trainable parameters%s; %d steps, batch %d (%d per rank x %d)",
+                cfg.init_from or cfg.preset, tok_cfg.quantizer, tok_cfg.z_channels, n_params / 1e6,
+                " (decoder only)" if cfg.decoder_only else "", cfg.steps, cfg.batch_size,
                 local_batch, info.world_size)
 
     net, dnet = model, disc
@@ -310,7 +333,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
 
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
+            grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
             opt.step()
             update_ema(ema, model, _ema_decay(cfg.ema_decay, step))
 

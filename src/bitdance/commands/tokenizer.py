@@ -1,8 +1,11 @@
 """`bitdance tokenizer ...`: train, evaluate and try out image tokenizers.
 
     bitdance tokenizer train --data PATH --preset NAME --steps N --out DIR [--quantizer binary|vq] ...
-    bitdance tokenizer eval --model DIR --data PATH [--split test] [--num-images N] --json
-    bitdance tokenizer reconstruct --model DIR IMAGE... --out DIR
+    bitdance tokenizer train --data PATH --init-from builtin --decoder-only --disc-weight 0.3 --out DIR
+    bitdance tokenizer eval [--model DIR] --data PATH [--split test] [--num-images N] --json
+    bitdance tokenizer reconstruct [--model DIR] IMAGE... --out DIR
+
+--model defaults to the built-in tokenizer.
 
 Progress bars and logs go to stderr; stdout carries the result (one JSON object with --json).
 """
@@ -15,11 +18,6 @@ import os
 from pathlib import Path
 
 from bitdance.utils import UserError
-
-
-def default_tokenizer_path() -> Path | None:
-    """The built-in tokenizer folder used when --model is left out (none ships yet)."""
-    return None
 
 
 def register(subparsers) -> None:
@@ -43,6 +41,12 @@ def register(subparsers) -> None:
     g.add_argument("--group-size", type=int, default=None,
                    help="bits per entropy group / VQ sub-codebook (default: the preset's, 8)")
     g.add_argument("--out", required=True, help="run folder (checkpoint, logs, grids; final model in OUT/model)")
+    g.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="start from a trained tokenizer (its folder, a run folder, a pipeline folder or 'builtin'); "
+                   "its architecture replaces --preset")
+    g.add_argument("--decoder-only", action="store_true",
+                   help="with --init-from: train only the decoder. The codes stay bit-identical, so generators "
+                   "trained on that tokenizer keep working with the new decoder (e.g. a GAN fine-tune)")
     g = t.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
     g.add_argument("--max-minutes", type=float, default=d.max_minutes,
@@ -89,7 +93,7 @@ def register(subparsers) -> None:
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="PSNR, SSIM, bit usage and code perplexity on a data split")
-    e.add_argument("--model", default=None, help="tokenizer folder (save_pretrained output, e.g. RUN/model)")
+    e.add_argument("--model", default=None, help="tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)")
     e.add_argument("--data", required=True, help="image folder or Fashion-MNIST IDX folder")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--num-images", type=int, default=None, help="evenly spaced images to use (default: all)")
@@ -103,7 +107,7 @@ def register(subparsers) -> None:
 
     r = sub.add_parser("reconstruct", help="encode and decode images; write original | reconstruction PNGs")
     r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    r.add_argument("--model", default=None, help="tokenizer folder (save_pretrained output, e.g. RUN/model)")
+    r.add_argument("--model", default=None, help="tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)")
     r.add_argument("--out", required=True, help="output folder for <name>_recon.png files")
     r.add_argument("--scale", type=int, default=None, help="upscale factor of the PNGs (default: to ~128 px)")
     r.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
@@ -130,16 +134,10 @@ def run_train(args) -> int:
 
 def _load_model(model: str | None, device):
     from bitdance.models.autoencoder import ImageTokenizer
+    from bitdance.pipeline import resolve_tokenizer_path
     from bitdance.utils import resolve_device
 
-    path = model or default_tokenizer_path()
-    if path is None:
-        raise UserError("--model is required (no built-in tokenizer is installed)")
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"tokenizer folder not found: {path}")
-    if path.is_dir() and (path / "model").is_dir() and not (path / "model.safetensors").is_file():
-        path = path / "model"  # a run folder was given
+    path = resolve_tokenizer_path(model or "builtin")
     dev = resolve_device(device)
     return ImageTokenizer.from_pretrained(path, device=dev), dev, path
 
