@@ -249,7 +249,9 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
         raise UserError(f"{path} is not a bitdance generator training checkpoint")
     saved = state.get("model_config", {})
     mine = asdict(model_cfg)
-    diff = [k for k in mine if k in saved and _plain(saved[k]) != _plain(mine[k])]
+    # sampling defaults do not touch the weights: a resume may change them (rerunning a finished run with a new
+    # --cfg re-exports it with that default)
+    diff = [k for k in mine if k in saved and k not in SAMPLING_DEFAULTS and _plain(saved[k]) != _plain(mine[k])]
     if diff:
         raise UserError(f"{path} was trained with another model config ({', '.join(diff)} differ); "
                         "use a new --out folder or the same --preset/--parallel/--head")
@@ -262,6 +264,9 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
     return int(state["step"])
+
+
+SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps")
 
 
 def _plain(v):
