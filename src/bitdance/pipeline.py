@@ -69,8 +69,8 @@ def resolve_tokenizer_path(path: str | os.PathLike = "builtin") -> Path:
     for candidate in (root, root / "tokenizer", root / "model", root / "model" / "tokenizer"):
         if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
-    raise UserError(f"no tokenizer found in {root} (expected config.json + model.safetensors, or a pipeline or "
-                    "run folder holding one)")
+    raise UserError(f"no tokenizer found in {root}: it holds no saved tokenizer (config.json + model.safetensors) "
+                    "in itself or in model/, tokenizer/ or model/tokenizer/")
 
 
 def decode_codes(tokenizer: ImageTokenizer, codes: torch.Tensor, generator: torch.Generator | None = None):

@@ -34,7 +34,7 @@ from torch import nn
 from bitdance.data import ImageDataset, InfiniteBatches, encode_dataset, load_dataset, tokenizer_fingerprint
 from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance, BitDanceConfig
-from bitdance.pipeline import BitDancePipeline, decode_codes
+from bitdance.pipeline import BitDancePipeline, decode_codes, resolve_tokenizer_path
 from bitdance.sampling import generate
 from bitdance.utils import (
     UserError,
@@ -137,13 +137,7 @@ def _validate(cfg: TrainConfig, world: int) -> None:
 
 def load_tokenizer(path: str | Path, device) -> ImageTokenizer:
     """A tokenizer folder, a tokenizer run folder (holding model/) or a pipeline folder (holding tokenizer/)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"tokenizer folder not found: {p}")
-    for cand in (p, p / "model", p / "tokenizer", p / "model" / "tokenizer"):
-        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
-            return ImageTokenizer.from_pretrained(cand, device=device).eval().requires_grad_(False)
-    raise UserError(f"{p} holds no saved tokenizer (config.json + model.safetensors)")
+    return ImageTokenizer.from_pretrained(resolve_tokenizer_path(path), device=device).eval().requires_grad_(False)
 
 
 class FlippedImages(ImageDataset):
@@ -243,6 +237,10 @@ def ema_decay_at(base: float, step: int) -> float:
     return min(base, (1.0 + step) / (10.0 + step))
 
 
+# model-config fields that only set sampling defaults: they do not touch the weights
+SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps")
+
+
 def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> int:
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "step"} <= set(state):
@@ -264,9 +262,6 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
     return int(state["step"])
-
-
-SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps")
 
 
 def _plain(v):

@@ -199,10 +199,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 dataset.resolution, dataset.channels, f", {dataset.skipped} skipped" if dataset.skipped else "")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = ImageTokenizer(tok_cfg)
-    if init is not None:
-        model.load_state_dict(init.state_dict())
-    model.to(device)
+    model = (init if init is not None else ImageTokenizer(tok_cfg)).to(device)
     if cfg.decoder_only:
         # the encoder and quantizer define the codes a generator was trained on: frozen, they stay bit-identical
         # (the EMA of an unchanged tensor is that tensor), so only the image decoded from each code changes
