@@ -99,6 +99,14 @@ def test_vq_and_gan_paths_run(data_dir, tmp_path):
     assert ImageTokenizer.from_pretrained(out / "model").config.quantizer == "vq"
 
 
+def test_disc_warmup_trains_the_discriminator_before_the_decoder_feels_it(data_dir, tmp_path):
+    out = tmp_path / "warm"
+    run(_cfg(data_dir, out, steps=4, disc_weight=0.1, disc_start=1, disc_warmup=2, log_every=1))
+    rows = _rows(out)
+    assert ["d_loss" in r for r in rows] == [False, True, True, True]  # the discriminator learns from step 1
+    assert ["g_loss" in r for r in rows] == [False, False, False, True]  # the decoder feels it from step 3
+
+
 def test_nan_loss_stops_the_run(data_dir, tmp_path):
     with pytest.raises(FloatingPointError, match="step 1"):
         run(_cfg(data_dir, tmp_path / "nan", entropy_weight=float("nan")))

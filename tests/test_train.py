@@ -189,3 +189,29 @@ def test_rerunning_a_finished_run_with_new_sampling_defaults_re_exports_it(token
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2  # nothing trained again
     sa, sb = first.state_dict(), again.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_extending_a_finished_run_with_schedule_start_warms_up_afresh(tokenizer_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(cfg(tokenizer_dir, data_dir, out, steps=4, lr=1e-3, min_lr=1e-5))
+    assert rows(out)[-1]["lr"] < 0.6e-3  # the first cosine has decayed
+    run(cfg(tokenizer_dir, data_dir, out, steps=8, lr=2e-4, min_lr=1e-5, warmup=2, schedule_start=4))
+    lrs = {r["step"]: r["lr"] for r in rows(out)}  # the lr a step used, logged after it
+    assert lrs[5] == pytest.approx(1e-4) and lrs[6] == pytest.approx(2e-4)  # fresh warmup to the new peak
+    assert lrs[7] == pytest.approx(2e-4) and lrs[8] < lrs[7]  # then a fresh cosine
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
+    log = (out / "log.txt").read_text()
+    assert "planned for 4 steps and now for 8" in log and "re-stretches" not in log
+
+    plain = tmp_path / "plain"  # without --schedule-start the whole cosine is re-stretched: said, not silent
+    run(cfg(tokenizer_dir, data_dir, plain, steps=4))
+    run(cfg(tokenizer_dir, data_dir, plain, steps=8))
+    assert "--schedule-start 4" in (plain / "log.txt").read_text()
+    with pytest.raises(UserError, match="schedule-start"):
+        run(cfg(tokenizer_dir, data_dir, tmp_path / "bad", steps=4, schedule_start=4))
+
+
+def test_schedule_lr_starts_at_schedule_start():
+    c = TrainConfig(steps=110, lr=1.0, min_lr=0.0, warmup=10, schedule_start=10)
+    assert tr.schedule_lr(c, 10) == pytest.approx(0.1) and tr.schedule_lr(c, 19) == pytest.approx(1.0)
+    assert tr.schedule_lr(c, 110) == pytest.approx(0.0, abs=1e-12)

@@ -3,7 +3,7 @@
 The frozen tokenizer encodes the data set once; the codes are cached as int8 (out/tokens.safetensors) and the
 AR model trains on them, so no step ever runs the encoder. Recipe (ref §3.1): AdamW betas (0.9, 0.95), weight
 decay 0.05 except `proj_in`, `cls_embedding`, `query_token` and parameters with ndim < 2; linear warmup + cosine
-to min_lr; grad clip 1.0; EMA; label dropout and input bit flips inside the model; optional horizontal flips
+to min_lr (from step `schedule_start`, 0 unless a finished run is extended); grad clip 1.0; EMA; label dropout and input bit flips inside the model; optional horizontal flips
 (flipped IMAGES are encoded into a second cache; each sample picks a version at random).
 
 Run folder:
@@ -73,6 +73,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup: int = 200
+    schedule_start: int = 0  # the step where warmup + cosine begin: extend a finished run with a fresh schedule
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
@@ -126,6 +127,8 @@ def _validate(cfg: TrainConfig, world: int) -> None:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(BITDANCE_PRESETS)}")
     if cfg.steps < 1:
         raise UserError("--steps must be at least 1")
+    if not 0 <= cfg.schedule_start < cfg.steps:
+        raise UserError(f"--schedule-start must be in [0, --steps), got {cfg.schedule_start} (--steps {cfg.steps})")
     if cfg.batch_size < 1 or cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size} must be a positive multiple of the world size {world}")
     if cfg.save_every < 1 or cfg.log_every < 1 or (cfg.sample_every is not None and cfg.sample_every < 0):
@@ -241,7 +244,8 @@ def ema_decay_at(base: float, step: int) -> float:
 SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps")
 
 
-def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> int:
+def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> tuple[int, dict]:
+    """Load a checkpoint into model / EMA / optimizer; returns (step, the TrainConfig it was saved with)."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "step"} <= set(state):
         raise UserError(f"{path} is not a bitdance generator training checkpoint")
@@ -261,7 +265,28 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
-    return int(state["step"])
+    return int(state["step"]), state.get("config", {})
+
+
+def _check_schedule(cfg: TrainConfig, step: int, saved: dict, logger) -> None:
+    """Say what the learning rate does when a resume changes the plan, so a jump is never a surprise."""
+    planned = saved.get("steps")
+    if planned is None or (planned, saved.get("schedule_start", 0)) == (cfg.steps, cfg.schedule_start):
+        return
+    old = cosine_lr(step - saved.get("schedule_start", 0), saved.get("lr", cfg.lr), saved.get("warmup", cfg.warmup),
+                    planned - saved.get("schedule_start", 0), saved.get("min_lr", cfg.min_lr))
+    new = schedule_lr(cfg, step)
+    logger.info("the run was planned for %d steps and now for %d: at step %d the learning rate goes %.2e -> %.2e",
+                planned, cfg.steps, step, old, new)
+    if cfg.schedule_start == 0 and step >= planned:
+        logger.warning("extending a finished run re-stretches its cosine from step 0; for a fresh warmup + cosine "
+                       "over the new steps pass --schedule-start %d (and a --lr for the new peak)", step)
+
+
+def schedule_lr(cfg: TrainConfig, step: int) -> float:
+    """Warmup + cosine from cfg.schedule_start to cfg.steps (before schedule_start: the first warmup step's lr)."""
+    return cosine_lr(max(0, step - cfg.schedule_start), cfg.lr, cfg.warmup, cfg.steps - cfg.schedule_start,
+                     cfg.min_lr)
 
 
 def _plain(v):
@@ -311,8 +336,9 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
     step = 0
     ckpt = find_resume_checkpoint(cfg.resume, out, CHECKPOINT_NAME)
     if ckpt is not None:
-        step = _restore(ckpt, model_cfg, tok_key, model, ema, opt)
+        step, saved_cfg = _restore(ckpt, model_cfg, tok_key, model, ema, opt)
         logger.info("resumed from %s at step %d", ckpt, step)
+        _check_schedule(cfg, step, saved_cfg, logger)
     if main:
         write_json({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": info.world_size,
                     "tokenizer_fingerprint": tok_key, "class_names": class_names,
@@ -359,7 +385,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
     model.train()
     try:
         while step < last:
-            lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+            lr = schedule_lr(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             gen.manual_seed((cfg.seed * info.world_size + info.rank) * 1_000_003 + step)

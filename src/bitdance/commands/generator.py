@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--schedule-start", type=int, default=d.schedule_start,
+                   help="step where warmup + cosine begin (to extend a finished run: its last step, with "
+                   "a larger --steps; default 0 re-stretches the whole cosine)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
     g.add_argument("--ema", dest="ema_decay", type=float, default=d.ema_decay,

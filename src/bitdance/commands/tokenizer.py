@@ -71,6 +71,8 @@ def register(subparsers) -> None:
     g.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG16 weights file (never downloaded)")
     g.add_argument("--disc-weight", type=float, default=d.disc_weight, help="GAN generator loss weight (0: no GAN)")
     g.add_argument("--disc-start", type=int, default=d.disc_start, help="step at which the GAN starts")
+    g.add_argument("--disc-warmup", type=int, default=d.disc_warmup,
+                   help="steps from --disc-start in which only the discriminator learns")
     g.add_argument("--disc-lr", type=float, default=None, help="discriminator lr (default: --lr)")
     g.add_argument("--disc-norm", default=d.disc_norm, choices=("group", "batch"), help="discriminator norm")
     g.add_argument("--lecam-weight", type=float, default=d.lecam_weight, help="LeCAM regulariser weight")
