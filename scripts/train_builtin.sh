@@ -24,7 +24,8 @@ fi
 
 # 2. Generator: the fmnist preset with next-patch diffusion (2x2 patches -> 16 AR steps), diffusion head.
 #    The shipped model was trained in two stages: 3,000 steps, then the same run extended to $GEN_STEPS (it resumes
-#    from its checkpoint; the cosine schedule is re-stretched to the new length, so the lr rises again).
+#    from its checkpoint; the cosine schedule is re-stretched to the new length, so the lr rises again). To extend a
+#    finished run with a fresh warmup + cosine instead, pass --schedule-start LAST_STEP with the larger --steps.
 for steps in 3000 "$GEN_STEPS"; do
   $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
     --steps "$steps" --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --cfg 2.0 --save-every 200 \
