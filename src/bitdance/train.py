@@ -3,8 +3,9 @@
 The frozen tokenizer encodes the data set once; the codes are cached as int8 (out/tokens.safetensors) and the
 AR model trains on them, so no step ever runs the encoder. Recipe (ref §3.1): AdamW betas (0.9, 0.95), weight
 decay 0.05 except `proj_in`, `cls_embedding`, `query_token` and parameters with ndim < 2; linear warmup + cosine
-to min_lr (from step `schedule_start`, 0 unless a finished run is extended); grad clip 1.0; EMA; label dropout and input bit flips inside the model; optional horizontal flips
-(flipped IMAGES are encoded into a second cache; each sample picks a version at random).
+to min_lr (from step `schedule_start`, 0 unless a finished run is extended); grad clip 1.0; EMA; label dropout
+and input bit flips inside the model; optional horizontal flips (flipped IMAGES are encoded into a second cache;
+each sample picks a version at random).
 
 Run folder:
     config.json          train + model config, world size, data summary, class names

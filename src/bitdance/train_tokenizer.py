@@ -90,7 +90,8 @@ class TokenizerTrainConfig:
     disc_weight: float = 0.0  # generator adversarial weight; 0 = no GAN
     disc_start: int = 0
     # steps from disc_start in which only the discriminator learns: a random discriminator's verdicts are noise, and
-    # feeding them to the decoder at once costs it its L1 fit (measured: L1 0.05 -> 0.20 over the first ~400 steps)
+    # feeding them to the decoder at once cost it its L1 fit (measured: L1 0.05 -> 0.20 over the first ~400 steps of a
+    # decoder fine-tune; that a warm-up prevents it is not measured yet)
     disc_warmup: int = 0
     disc_lr: float | None = None  # None: same as lr
     disc_norm: str = "group"
