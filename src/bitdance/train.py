@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -271,12 +271,12 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
 
 def _check_schedule(cfg: TrainConfig, step: int, saved: dict, logger) -> None:
     """Say what the learning rate does when a resume changes the plan, so a jump is never a surprise."""
-    planned = saved.get("steps")
-    if planned is None or (planned, saved.get("schedule_start", 0)) == (cfg.steps, cfg.schedule_start):
+    plan = {k: saved[k] for k in ("steps", "lr", "warmup", "min_lr", "schedule_start") if k in saved}
+    before = replace(cfg, **plan)  # the schedule the checkpoint was trained under
+    planned = before.steps
+    if "steps" not in plan or (planned, before.schedule_start) == (cfg.steps, cfg.schedule_start):
         return
-    old = cosine_lr(step - saved.get("schedule_start", 0), saved.get("lr", cfg.lr), saved.get("warmup", cfg.warmup),
-                    planned - saved.get("schedule_start", 0), saved.get("min_lr", cfg.min_lr))
-    new = schedule_lr(cfg, step)
+    old, new = schedule_lr(before, step), schedule_lr(cfg, step)
     logger.info("the run was planned for %d steps and now for %d: at step %d the learning rate goes %.2e -> %.2e",
                 planned, cfg.steps, step, old, new)
     if cfg.schedule_start == 0 and step >= planned:
