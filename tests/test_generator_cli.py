@@ -118,3 +118,26 @@ def test_train_errors(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: an unknown head
         main([*base, "--tokenizer", str(tok), "--data", str(data), "--head", "mlp"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["train", "tokenizer train"])
+def test_training_flags_all_reach_the_config(command):
+    """Every flag of both training commands lands in a config field (a mistyped dest would be dropped silently),
+    and the shared optimiser flags read the same in both, under either EMA spelling."""
+    from dataclasses import fields
+
+    from bitdance.cli import build_parser
+    from bitdance.commands.options import config_from_args
+    from bitdance.train import TrainConfig
+    from bitdance.train_tokenizer import TokenizerTrainConfig
+
+    argv = command.split() + ["--data", "d", "--out", "o"] + (["--tokenizer", "t"] if command == "train" else [])
+    config_cls = TrainConfig if command == "train" else TokenizerTrainConfig
+    for ema_flag in ("--ema", "--ema-decay"):
+        args = build_parser().parse_args(argv + [ema_flag, "0.95", "--steps", "7", "--lr", "2e-4", "--seed", "3",
+                                                 "--no-ema-export", "--resume", "r", "--no-progress"])
+        parser_only = {"threads", "command", "tokenizer_command", "func"}
+        assert set(vars(args)) - parser_only <= {f.name for f in fields(config_cls)}
+        cfg = config_from_args(config_cls, args)
+        assert (cfg.ema_decay, cfg.steps, cfg.lr, cfg.seed, cfg.export_ema, cfg.resume, cfg.progress) == (
+            0.95, 7, 2e-4, 3, False, "r", False)

@@ -11,7 +11,7 @@ from bitdance.models.autoencoder import ImageTokenizer, TokenizerConfig
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.pipeline import BitDancePipeline
 from bitdance.train import TrainConfig, run
-from bitdance.utils import UserError, load_checkpoint
+from bitdance.utils import UserError, ema_decay_at, load_checkpoint
 
 
 def write_images(root, num_images, num_classes, flat=False, seed=0):
@@ -148,9 +148,9 @@ def test_weight_decay_groups_follow_the_official_split():
 
 
 def test_ema_decay_is_warmed_up():
-    assert tr.ema_decay_at(0.999, 0) == pytest.approx(0.1)
-    assert tr.ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
-    assert tr.ema_decay_at(0.999, 10**6) == 0.999
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 100) == pytest.approx(101 / 110)
+    assert ema_decay_at(0.999, 10**6) == 0.999
 
 
 def test_nan_loss_stops_the_run(tokenizer_dir, data_dir, tmp_path, monkeypatch):

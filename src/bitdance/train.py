@@ -44,6 +44,7 @@ from bitdance.utils import (
     check_finite,
     cleanup_distributed,
     cosine_lr,
+    ema_decay_at,
     find_resume_checkpoint,
     JsonlLog,
     get_logger,
@@ -234,11 +235,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if p.ndim < 2 or name.split(".")[0] in NO_DECAY else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def ema_decay_at(base: float, step: int) -> float:
-    # short CPU runs: a fixed 0.9999 would still be mostly the random init after a few thousand steps
-    return min(base, (1.0 + step) / (10.0 + step))
 
 
 # model-config fields that only set sampling defaults: they do not touch the weights

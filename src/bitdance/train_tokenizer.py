@@ -48,6 +48,7 @@ from bitdance.utils import (
     cleanup_distributed,
     config_from_dict,
     cosine_lr,
+    ema_decay_at,
     find_resume_checkpoint,
     JsonlLog,
     get_logger,
@@ -122,11 +123,6 @@ def build_tokenizer_config(cfg: TokenizerTrainConfig) -> TokenizerConfig:
     if cfg.group_size is not None:
         changes["group_size"] = cfg.group_size
     return config_from_dict(TokenizerConfig, {**asdict(tok), **changes}) if changes else tok
-
-
-def _ema_decay(base: float, step: int) -> float:
-    # warm up the EMA so that short runs still export trained (not initial) weights
-    return min(base, (1.0 + step) / (10.0 + step))
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
@@ -340,7 +336,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
             opt.step()
-            update_ema(ema, model, _ema_decay(cfg.ema_decay, step))
+            update_ema(ema, model, ema_decay_at(cfg.ema_decay, step))
 
             if train_disc:
                 for group in disc_opt.param_groups:

@@ -189,6 +189,14 @@ def count_parameters(module: nn.Module) -> int:
 
 
 @torch.no_grad()
+def ema_decay_at(base: float, step: int) -> float:
+    """The EMA decay at `step`, warmed up as min(base, (1 + step) / (10 + step)) (0.1 at step 0).
+
+    Short CPU runs: a fixed 0.999 would still be mostly the random init after a few thousand steps.
+    """
+    return min(base, (1.0 + step) / (10.0 + step))
+
+
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):

@@ -13,6 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bitdance.commands.options import (
+    DEVICE_HELP,
+    DTYPES,
+    add_optimisation_flags,
+    add_run_flags,
+    config_from_args,
+)
 from bitdance.utils import UserError
 
 
@@ -39,42 +46,25 @@ def register(subparsers) -> None:
     g.add_argument("--hflip", action="store_true", help="horizontal-flip augmentation (encodes the data twice)")
     g.add_argument("--token-cache", default=None, help="token cache file (default: OUT/tokens.safetensors)")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over DDP ranks)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    add_optimisation_flags(g, d)
     g.add_argument("--min-lr", type=float, default=d.min_lr, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
     g.add_argument("--schedule-start", type=int, default=d.schedule_start,
                    help="step where warmup + cosine begin (to extend a finished run: its last step, with "
                    "a larger --steps; default 0 re-stretches the whole cosine)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    g.add_argument("--ema", dest="ema_decay", type=float, default=d.ema_decay,
-                   help="EMA decay (warmed up as min(decay, (1+step)/(10+step)))")
-    g.add_argument("--no-ema-export", dest="export_ema", action="store_false",
-                   help="export the raw weights instead of the EMA")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed (initialisation, data order, noise)")
     g = t.add_argument_group("sampling defaults saved with the model")
     g.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: preset's)")
     g.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"), help="guidance schedule")
     g.add_argument("--sample-steps", dest="sampling_steps", type=int, default=None,
                    help="head (flow) steps per AR step (default: preset's)")
     g = t.add_argument_group("run")
-    g.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
-                   help="autocast dtype (bf16 is for GPUs: about 100x slower on CPUs without AMX)")
-    g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    add_run_flags(g, d)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first step)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
     g.add_argument("--sample-every", type=int, default=None,
                    help="steps between EMA sample grids (default: with every checkpoint; 0: never)")
     g.add_argument("--samples-per-class", type=int, default=d.samples_per_class, help="grid columns")
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps in this run (schedule keeps --steps); rerun to continue")
-    g.add_argument("--resume", default=None, help="checkpoint file or run folder to resume from "
-                   "(OUT/checkpoint.pt is resumed automatically)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
     t.set_defaults(func=run_train)
 
     s = subparsers.add_parser("sample", help="sample images: a PNG grid (a row per class) or an ADM .npz")
@@ -92,8 +82,8 @@ def register(subparsers) -> None:
     s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
     s.add_argument("--scale", type=int, default=None, help="PNG upscale factor (default: tiles to ~64 px)")
     s.add_argument("--rgb", action="store_true", help=".npz: repeat grey images to 3 channels (ADM evaluator)")
-    s.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="autocast dtype")
+    s.add_argument("--device", default=None, help=DEVICE_HELP)
+    s.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     s.set_defaults(func=run_sample)
 
@@ -104,13 +94,9 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from dataclasses import fields
-
     from bitdance.train import TrainConfig, run
 
-    names = {f.name for f in fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    print(run(cfg))
+    print(run(config_from_args(TrainConfig, args)))
     return 0
 
 

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from bitdance.commands.options import DEVICE_HELP, add_optimisation_flags, add_run_flags, config_from_args
 from bitdance.utils import UserError
 
 
@@ -48,22 +49,14 @@ def register(subparsers) -> None:
                    help="with --init-from: train only the decoder. The codes stay bit-identical, so generators "
                    "trained on that tokenizer keep working with the new decoder (e.g. a GAN fine-tune)")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    add_optimisation_flags(g, d)
     g.add_argument("--max-minutes", type=float, default=d.max_minutes,
                    help="time budget: stop after this many minutes of training steps (evaluations excluded, "
                    "resumes included); the lr schedule then follows the clock when it is ahead of --steps (0: off)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over DDP ranks)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay (warmed up from 0.1)")
-    g.add_argument("--no-ema-export", dest="export_ema", action="store_false",
-                   help="export the raw weights instead of the EMA")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation and data order")
+
     g = t.add_argument_group("losses")
     g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="binary entropy loss weight")
     g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
@@ -79,19 +72,12 @@ def register(subparsers) -> None:
     g.add_argument("--gen-loss", default=d.gen_loss, choices=("non_saturating", "hinge"),
                    help="generator adversarial loss")
     g = t.add_argument_group("run")
-    g.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"),
-                   help="autocast dtype (bf16 is for GPUs: about 100x slower on CPUs without AMX)")
-    g.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
+    add_run_flags(g, d)
     g.add_argument("--sample-every", type=int, default=d.sample_every, help="steps between reconstruction grids")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="steps between test-split PSNR evaluations (0: only at the end)")
     g.add_argument("--eval-split", default=d.eval_split, help="split used for evaluation")
     g.add_argument("--eval-images", type=int, default=d.eval_images, help="images per evaluation (0: none)")
-    g.add_argument("--resume", default=None, help="checkpoint file or run folder to resume from "
-                   "(OUT/checkpoint.pt is resumed automatically)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="PSNR, SSIM, bit usage and code perplexity on a data split")
@@ -100,7 +86,7 @@ def register(subparsers) -> None:
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--num-images", type=int, default=None, help="evenly spaced images to use (default: all)")
     e.add_argument("--batch-size", type=int, default=100, help="images per forward pass (default: 100)")
-    e.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    e.add_argument("--device", default=None, help=DEVICE_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.add_argument("--save-reconstructions", default=None, metavar="FILE.npz",
                    help="also write the reconstructions as an ADM-style .npz (score it with `bitdance eval fid "
@@ -112,7 +98,7 @@ def register(subparsers) -> None:
     r.add_argument("--model", default=None, help="tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)")
     r.add_argument("--out", required=True, help="output folder for <name>_recon.png files")
     r.add_argument("--scale", type=int, default=None, help="upscale factor of the PNGs (default: to ~128 px)")
-    r.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    r.add_argument("--device", default=None, help=DEVICE_HELP)
     r.set_defaults(func=run_reconstruct)
 
 
@@ -122,13 +108,9 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    from dataclasses import fields
-
     from bitdance.train_tokenizer import TokenizerTrainConfig, run
 
-    names = {f.name for f in fields(TokenizerTrainConfig)}
-    cfg = TokenizerTrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    path = run(cfg)
+    path = run(config_from_args(TokenizerTrainConfig, args))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
         print(path)
     return 0

@@ -1,0 +1,46 @@
+"""Flags shared by several commands, declared once so that their names, defaults and help stay the same."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_HELP = "cpu, cuda, mps (default: best available)"
+
+
+def add_optimisation_flags(group, defaults) -> None:
+    """The optimiser flags that `bitdance train` and `bitdance tokenizer train` share.
+
+    `defaults` is the command's config dataclass instance; its fields carry the same names as the flags' dests.
+    """
+    d = defaults
+    group.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps")
+    group.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over DDP ranks)")
+    group.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    group.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    group.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    group.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    group.add_argument("--ema", "--ema-decay", dest="ema_decay", type=float, default=d.ema_decay,
+                       help="EMA decay (warmed up as min(decay, (1+step)/(10+step)))")
+    group.add_argument("--no-ema-export", dest="export_ema", action="store_false",
+                       help="export the raw weights instead of the EMA")
+    group.add_argument("--seed", type=int, default=d.seed, help="seed (initialisation, data order, noise)")
+
+
+def add_run_flags(group, defaults) -> None:
+    """Device, precision, logging and checkpoint flags of the training commands."""
+    d = defaults
+    group.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                       help="autocast dtype (bf16 is for GPUs: about 100x slower on CPUs without AMX)")
+    group.add_argument("--device", default=None, help=DEVICE_HELP)
+    group.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
+    group.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
+    group.add_argument("--resume", default=None, help="checkpoint file or run folder to resume from "
+                       "(OUT/checkpoint.pt is resumed automatically)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+
+
+def config_from_args(config_cls, args):
+    """The config dataclass filled from the parsed flags that share its field names (the rest keep defaults)."""
+    names = {f.name for f in fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
