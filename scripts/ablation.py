@@ -10,6 +10,7 @@ split, class consistency, images/s) and draws the speed/quality plot OUT/ablatio
 
     python scripts/ablation.py --tokenizer runs/tok/model --device cuda --jobs 4   # GPU: all runs at once
     python scripts/ablation.py --tokenizer src/bitdance/builtin/tokenizer --steps 1400 --batch-size 32  # CPU
+    python scripts/ablation.py --tokenizer T --device cuda --variants diffusion-4x --model-arg dim=384 --out runs/wide
     python scripts/ablation.py --plot-only --out runs/ablation --speed runs/bench_sampling*/bench_sampling.json
 
 A variant whose OUT/NAME/model exists is not retrained; one with a checkpoint resumes.
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--model-arg", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a BitDanceConfig field over the fmnist preset for every variant, repeatable (e.g. dim=384)")
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once (GPU: all; CPU: 1)")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT/results.json")
     p.add_argument("--speed", nargs="+", default=None, metavar="JSON",
@@ -63,6 +66,8 @@ def train_command(args, name: str) -> list[str]:
         "--no-progress", "--token-cache", str(Path(args.out) / "tokens.safetensors"),
         "--out", str(Path(args.out) / name),
     ]
+    for field_value in args.model_arg:
+        cmd += ["--model-arg", field_value]
     return cmd + (["--device", args.device] if args.device else [])
 
 

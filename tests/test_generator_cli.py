@@ -141,3 +141,14 @@ def test_training_flags_all_reach_the_config(command):
         cfg = config_from_args(config_cls, args)
         assert (cfg.ema_decay, cfg.steps, cfg.lr, cfg.seed, cfg.export_ema, cfg.resume, cfg.progress) == (
             0.95, 7, 2e-4, 3, False, "r", False)
+
+
+def test_model_arg_values_are_read_as_json(capsys):
+    from bitdance.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--tokenizer", "t", "--data", "d", "--out", "o", "--model-arg",
+                                      "dim=384", "--model-arg", "P_std=0.5", "--model-arg", "cfg_schedule=constant"])
+    assert args.model_args == [("dim", 384), ("P_std", 0.5), ("cfg_schedule", "constant")]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--tokenizer", "t", "--data", "d", "--out", "o", "--model-arg", "dim"])
+    assert "FIELD=VALUE" in capsys.readouterr().err

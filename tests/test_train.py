@@ -180,6 +180,23 @@ def test_user_errors(tokenizer_dir, data_dir, tmp_path):
         run(cfg(tokenizer_dir, data_dir, out, steps=4, parallel=4))
 
 
+def test_model_args_override_the_preset_and_are_kept_on_resume(tokenizer_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = {"dim": 48, "diff_batch_mul": 3, "cfg_schedule": "constant"}
+    model = BitDance.from_pretrained(run(cfg(tokenizer_dir, data_dir, out, steps=1, model_args=args)) / "generator")
+    c = model.config
+    assert (c.dim, c.diff_batch_mul, c.cfg_schedule, c.n_layers) == (48, 3, "constant", 2)  # n_layers: the preset's
+    assert model.norm.weight.shape == (48,)
+    with pytest.raises(UserError, match="another model config"):  # a resume with another width
+        run(cfg(tokenizer_dir, data_dir, out, steps=2, model_args={**args, "dim": 64}))
+    with pytest.raises(UserError, match="unknown BitDance config field"):
+        run(cfg(tokenizer_dir, data_dir, tmp_path / "a", model_args={"width": 48}))
+    with pytest.raises(UserError, match="token_bits"):  # fixed by the tokenizer
+        run(cfg(tokenizer_dir, data_dir, tmp_path / "b", model_args={"token_bits": 16}))
+    with pytest.raises(UserError, match="given twice"):
+        run(cfg(tokenizer_dir, data_dir, tmp_path / "c", class_dropout=0.2, model_args={"class_dropout": 0.3}))
+
+
 def test_rerunning_a_finished_run_with_new_sampling_defaults_re_exports_it(tokenizer_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     first = BitDance.from_pretrained(run(cfg(tokenizer_dir, data_dir, out, steps=2, cfg_scale=3.0)) / "generator")

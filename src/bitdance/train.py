@@ -83,6 +83,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # warmed up: min(decay, (1 + step) / (10 + step))
     export_ema: bool = True
     # model overrides (None: the preset's); saved with the generator
+    model_args: dict | None = None  # any other BitDanceConfig fields over the preset, e.g. {"dim": 384}
     class_dropout: float | None = None
     perturb_rate: float | None = None
     cfg_scale: float | None = None  # default guidance scale for sampling
@@ -213,9 +214,18 @@ def _classes(dataset, labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     return labels, names
 
 
+# fields fixed by the tokenizer and the data set, or set by their own flags: not for --model-arg
+DERIVED_FIELDS = ("num_classes", "token_bits", "grid_size", "parallel", "head", "grad_checkpointing")
+
+
 def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes: int) -> BitDanceConfig:
     tc = tokenizer.config
-    overrides = dict(num_classes=num_classes, token_bits=tc.z_channels, grid_size=tc.token_grid())
+    model_args = dict(cfg.model_args or {})
+    fixed = sorted(set(model_args) & set(DERIVED_FIELDS))
+    if fixed:
+        raise UserError(f"--model-arg cannot set {', '.join(fixed)}: they come from the tokenizer, the data or "
+                        "their own flags (--parallel, --head, --grad-checkpointing)")
+    overrides = dict(model_args, num_classes=num_classes, token_bits=tc.z_channels, grid_size=tc.token_grid())
     if num_classes == 1:
         # unconditional: nothing to drop and nothing to guide towards (DiT's recipe for one class)
         overrides.update(class_dropout=0.0, cfg_scale=1.0)
@@ -223,6 +233,8 @@ def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes:
                          ("cfg_scale", cfg.cfg_scale), ("cfg_schedule", cfg.cfg_schedule),
                          ("num_sampling_steps", cfg.sampling_steps)):
         if value is not None:
+            if field in model_args:
+                raise UserError(f"{field} is given twice: by its own flag and by --model-arg")
             overrides[field] = value
     return BITDANCE_PRESETS[cfg.preset](parallel=cfg.parallel, head=cfg.head, **overrides)
 

@@ -19,6 +19,7 @@ from bitdance.commands.options import (
     add_optimisation_flags,
     add_run_flags,
     config_from_args,
+    key_value,
 )
 from bitdance.utils import UserError
 
@@ -41,6 +42,9 @@ def register(subparsers) -> None:
     g.add_argument("--parallel", type=int, default=d.parallel, choices=PARALLEL_CHOICES,
                    help="tokens per AR step (a sqrt(P) x sqrt(P) patch)")
     g.add_argument("--head", default=d.head, choices=("diffusion", "bitwise"), help="token head")
+    g.add_argument("--model-arg", dest="model_args", action="append", type=key_value, default=None,
+                   metavar="FIELD=VALUE", help="any other BitDanceConfig field over the preset, repeatable "
+                   "(e.g. --model-arg dim=384 --model-arg diff_batch_mul=4); saved with the model")
     g.add_argument("--class-dropout", type=float, default=None, help="label dropout for CFG (default: preset's)")
     g.add_argument("--perturb-rate", type=float, default=None, help="input bit-flip rate (default: preset's)")
     g.add_argument("--hflip", action="store_true", help="horizontal-flip augmentation (encodes the data twice)")
@@ -96,6 +100,8 @@ def register(subparsers) -> None:
 def run_train(args) -> int:
     from bitdance.train import TrainConfig, run
 
+    if args.model_args is not None:
+        args.model_args = dict(args.model_args)
     print(run(config_from_args(TrainConfig, args)))
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import fields
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -44,3 +46,14 @@ def config_from_args(config_cls, args):
     """The config dataclass filled from the parsed flags that share its field names (the rest keep defaults)."""
     names = {f.name for f in fields(config_cls)}
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def key_value(text: str) -> tuple[str, object]:
+    """argparse type for FIELD=VALUE: the value is read as JSON (384, 0.5, true, [1, 2]), else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
