@@ -188,7 +188,6 @@ def count_parameters(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def ema_decay_at(base: float, step: int) -> float:
     """The EMA decay at `step`, warmed up as min(base, (1 + step) / (10 + step)) (0.1 at step 0).
 
@@ -197,6 +196,7 @@ def ema_decay_at(base: float, step: int) -> float:
     return min(base, (1.0 + step) / (10.0 + step))
 
 
+@torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, over parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
