@@ -2,7 +2,7 @@
 # Recipe for the built-in Fashion-MNIST model shipped in src/bitdance/builtin/ (tokenizer + generator).
 # Uses only our CLI, on a 2-core CPU. Rerun it from the repository root after `make setup data`:
 #
-#   bash scripts/train_builtin.sh            # about 3 hours on an idle 2-core machine (30 + 58 + 63 + 35 min)
+#   bash scripts/train_builtin.sh            # about 4.5 hours on an idle 2-core machine (30 + 58 + 63 + 72 + 35 min)
 #   INSTALL=0 bash scripts/train_builtin.sh  # train only, don't replace the packaged model
 #
 # Step 1 is the binary run of scripts/bench_tokenizer.py (same flags), so its PSNR/SSIM figures apply.
@@ -12,7 +12,6 @@ BITDANCE=${BITDANCE:-.venv/bin/bitdance}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
 OUT=${OUT:-runs/builtin}
 TOKENIZER=${TOKENIZER:-$OUT/tokenizer/model}   # point at an existing tokenizer to skip step 1
-GEN_STEPS=${GEN_STEPS:-6000}
 PARALLEL=${PARALLEL:-4}
 
 # 1. Binary tokenizer: 32x32 -> 8x8 tokens of 32 bits, 29.5 minutes of training (both cores; run nothing else).
@@ -23,14 +22,18 @@ if [ ! -f "$TOKENIZER/config.json" ]; then
 fi
 
 # 2. Generator: the fmnist preset with next-patch diffusion (2x2 patches -> 16 AR steps), diffusion head.
-#    The shipped model was trained in two stages: 3,000 steps, then the same run extended to $GEN_STEPS (it resumes
-#    from its checkpoint; the cosine schedule is re-stretched to the new length, so the lr rises again). To extend a
-#    finished run with a fresh warmup + cosine instead, pass --schedule-start LAST_STEP with the larger --steps.
-for steps in 3000 "$GEN_STEPS"; do
+#    The shipped model was trained in three stages of one run: 3,000 steps; the same run extended to 6,000 (it
+#    resumes from its checkpoint; without --schedule-start the cosine is re-stretched to the new length, so the lr
+#    rises again); then 1,500 more steps at batch 64 with a fresh warmup + cosine (--schedule-start 6000).
+#    Sampling defaults saved with it: guidance 1.5, 6 head steps (docs/results.md section 3).
+for steps in 3000 6000; do
   $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
-    --steps "$steps" --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --cfg 2.0 --save-every 200 \
-    --device cpu --out "$OUT/generator"
+    --steps "$steps" --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --cfg 1.5 --sample-steps 6 \
+    --save-every 200 --device cpu --out "$OUT/generator"
 done
+$BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
+  --steps 7500 --schedule-start 6000 --batch-size 64 --lr 3e-4 --warmup 100 --ema 0.999 --cfg 1.5 --sample-steps 6 \
+  --save-every 250 --device cpu --out "$OUT/generator"
 
 # 3. Decoder fine-tune with a GAN loss (weight 0.3): the encoder and quantizer are frozen, so the codes, and with
 #    them the generator of step 2, stay valid; only the images decoded from the codes get sharper.
