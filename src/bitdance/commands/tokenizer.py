@@ -56,7 +56,6 @@ def register(subparsers) -> None:
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of --lr")
     g.add_argument("--beta1", type=float, default=d.beta1, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=d.beta2, help="AdamW beta2")
-
     g = t.add_argument_group("losses")
     g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="binary entropy loss weight")
     g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
