@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from bitdance.commands.options import DEVICE_HELP
 from bitdance.utils import UserError, write_json
 
 DEFAULT_MODEL_SAMPLES = 1000
@@ -72,7 +73,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="flow steps (--model; default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG (--model; default: the model's)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: best available)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

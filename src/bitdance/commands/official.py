@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from bitdance.commands.options import DTYPES
+
 
 def register(subparsers) -> None:
     from bitdance.official import OFFICIAL_MODELS
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
     s.add_argument("--cfg-scale", type=float, default=None, help="default: the model's saved official setting")
     s.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None)
     s.add_argument("--num-steps", type=int, default=None, help="head sampling steps (default: saved, 100)")
-    s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    s.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="autocast dtype; bfloat16 on GPU (the official setting), float32 on CPU")
     s.add_argument("--device", default=None, help="default: cuda (one GPU per local rank), else cpu")
     s.add_argument("--no-progress", action="store_true")

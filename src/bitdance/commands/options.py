@@ -6,7 +6,9 @@ import argparse
 import json
 from dataclasses import fields
 
-DTYPES = ("float32", "bfloat16", "float16")
+from bitdance.utils import DTYPES as TORCH_DTYPES
+
+DTYPES = tuple(TORCH_DTYPES)  # the --dtype choices: the names resolve_dtype knows
 DEVICE_HELP = "cpu, cuda, mps (default: best available)"
 
 
