@@ -35,6 +35,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="head (flow) steps (default: the model's)")
     p.add_argument("--cfg", type=float, nargs="+", default=[None], help="guidance scales (default: the model's)")
+    p.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"),
+                   help="guidance over the AR steps (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: best available)")
     p.add_argument("--inception", default=None, help="TorchScript FID-Inception (default: the wheel's)")
     p.add_argument("--stats-cache", default="runs/fid_stats", help="cached reference statistics")
@@ -63,12 +65,14 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     rows = []
     for cfg in args.cfg:
         tag = "default" if cfg is None else f"{cfg:g}"
-        same = [r for r in done if (r["cfg"], r["steps"], r["num_samples"], r["model"]) ==
-                (cfg, args.steps, args.num_samples, model)]
+        key = (cfg, args.steps, args.cfg_schedule, args.num_samples, args.seed, model)
+        same = [r for r in done if (r["cfg"], r["steps"], r.get("cfg_schedule"), r["num_samples"],
+                                    r.get("settings", {}).get("seed", 0), r["model"]) == key]
         if same:  # scored by an earlier run of this script: keep it
             rows.append(same[0])
             continue
-        sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, device=device)
+        sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, cfg_schedule=args.cfg_schedule,
+                         device=device)
         generate_samples(pipe, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
         start = time.perf_counter()  # the pipeline returns host arrays, so the GPU has finished when it returns
         images, labels, settings = generate_samples(pipe, args.num_samples, batch_size=args.batch_size,
@@ -85,6 +89,7 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
         cls = _run_json(bitdance_cmd() + ["eval", "classify", "--samples", str(npz), "--classifier", args.classifier,
                                           "--data", args.data] + common)
         rows.append({"name": name or model, "model": model, "cfg": cfg, "steps": args.steps,
+                     "cfg_schedule": args.cfg_schedule,
                      "num_samples": args.num_samples, "fid": fid["fid"], "precision": fid["precision"],
                      "recall": fid["recall"], "num_reference": fid["num_reference"],
                      "class_consistency": cls["class_consistency"], "classifier_real_accuracy": cls["real_accuracy"],

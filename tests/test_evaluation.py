@@ -303,6 +303,7 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
 
     class FakePipeline:  # draws each class's own bar pattern, so a good generator is 100% consistent
         calls: list = []
+        schedules: list = []
         num_classes = 3  # the tiny IDX data has 3 classes (its loader still names the 10 Fashion-MNIST ones)
 
         @classmethod
@@ -310,8 +311,9 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
             return cls()
 
         def __call__(self, class_labels, num_inference_steps=None, guidance_scale=None, generator=None,
-                     output_type="pil", progress=True):
+                     output_type="pil", progress=True, cfg_schedule=None):
             FakePipeline.calls.append((list(class_labels), generator.initial_seed()))
+            FakePipeline.schedules.append(cfg_schedule)
             pics = np.stack([separable_images(3, size=16, seed=len(self.calls))[0][c] for c in class_labels])
             return types.SimpleNamespace(images=pics[..., None])  # (b, 16, 16, 1)
 
@@ -319,10 +321,11 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "bitdance.pipeline", fake_module)
     assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7",
                  "--batch-size", "3", "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.npz"),
-                 "--json"]) == 0
+                 "--cfg-schedule", "constant", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num_samples"] == 7 and out["class_consistency"] >= 0.85 and out["real_accuracy"] >= 0.9
     assert [c for c, _ in FakePipeline.calls] == [[0, 1, 2], [0, 1, 2], [0]]  # cycled in label order
     assert len({s for _, s in FakePipeline.calls}) == 3  # no batch reuses another's noise
+    assert FakePipeline.schedules == ["constant"] * 3  # the sampling flags reach the pipeline
     _, labels = load_npz(tmp_path / "gen.npz")
     assert list(labels) == [0, 1, 2, 0, 1, 2, 0]

@@ -72,6 +72,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (--model)")
     p.add_argument("--steps", type=int, default=None, help="flow steps (--model; default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG (--model; default: the model's)")
+    p.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"),
+                   help="guidance over the AR steps (--model; default: the model's)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -96,7 +98,7 @@ def _load_samples(args, num_classes: int | None, device):
     images, labels, settings = generate_samples(
         args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes,
         batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, device=device)
+        guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule, device=device)
     if args.save_samples:
         save_npz(args.save_samples, images, labels)
         settings["saved_to"] = args.save_samples

@@ -99,8 +99,8 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: int | None = None,
                      batch_size: int = 50, seed: int = 0, num_inference_steps: int | None = None,
-                     guidance_scale: float | None = None, device=None, progress: bool = True
-                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+                     guidance_scale: float | None = None, device=None, progress: bool = True,
+                     cfg_schedule: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample `num_samples` images from a saved pipeline (a folder, 'builtin', or a loaded BitDancePipeline),
     classes cycled 0..C-1.
 
@@ -126,11 +126,11 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
     for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
         gen = torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + start)
         out = pipe(class_labels=labels[start:start + batch_size].tolist(),
-                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=gen,
-                   output_type="np", progress=False)
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
     settings = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale}
+                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule}
     return np.concatenate(images), labels, settings

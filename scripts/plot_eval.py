@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Plot the speed/quality trade-off of scored sample sets: FID, class consistency and images/s per head steps.
+
+Reads the rows that `scripts/eval_generator.py` writes (one or more results.json files) and draws one line per
+guidance setting against the head (flow) steps; repeated settings (other seeds) show as separate points, so the
+seed spread is visible. Rows whose images/s was not measured cleanly (null) are left out of that panel only.
+
+    python scripts/plot_eval.py docs/data/builtin_eval.json --title "built-in model, CPU" \
+        --out docs/images/builtin_tradeoff.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def steps_of(row: dict) -> int | None:
+    return row.get("steps") or row.get("settings", {}).get("num_inference_steps")
+
+
+def series_name(row: dict) -> str:
+    cfg = "model's" if row.get("cfg") is None else f"{row['cfg']:g}"
+    schedule = row.get("cfg_schedule")
+    return f"cfg {cfg}" + (f" ({schedule})" if schedule else "")
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [r for r in rows if steps_of(r)]
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(rows, key=steps_of):
+        groups.setdefault(series_name(r), []).append(r)
+    panels = (("fid", "FID (lower is better)", 1), ("class_consistency", "class consistency % (higher is better)", 100),
+              ("images_per_s", "images/s", 1))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, name, scale) in zip(axes, panels):
+        for (series, members), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            points = [(steps_of(r), r[key] * scale) for r in members if r.get(key) is not None]
+            if not points:
+                continue
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, "o-" if len(set(xs)) > 1 else "o", color=color, label=series)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({steps_of(r) for r in rows}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("head (flow) steps per AR step")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[2].set_ylim(bottom=0)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="results.json files of scripts/eval_generator.py")
+    p.add_argument("--out", default="runs/eval/tradeoff.png")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    rows = [row for f in args.results for row in json.loads(Path(f).read_text())]
+    if not rows:
+        raise SystemExit("plot_eval.py: error: no rows in " + ", ".join(args.results))
+    print(plot(rows, Path(args.out), args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
