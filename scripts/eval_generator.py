@@ -28,6 +28,8 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from bitdance.models.transformer import CFG_SCHEDULES
+
     p.add_argument("--data", default=FASHION_MNIST, help="reference data (FID) and real test split (classifier)")
     p.add_argument("--classifier", default="runs/classifier", help="folder of `bitdance eval train-classifier`")
     p.add_argument("--num-samples", type=int, default=5000)
@@ -35,7 +37,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="head (flow) steps (default: the model's)")
     p.add_argument("--cfg", type=float, nargs="+", default=[None], help="guidance scales (default: the model's)")
-    p.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"),
+    p.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance over the AR steps (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: best available)")
     p.add_argument("--inception", default=None, help="TorchScript FID-Inception (default: the wheel's)")

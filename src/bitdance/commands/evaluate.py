@@ -63,6 +63,8 @@ def register(subparsers) -> None:
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
+    from bitdance.models.transformer import CFG_SCHEDULES
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", default=None, help="ADM-style .npz (arr_0 uint8 NHWC images, arr_1 labels)")
     src.add_argument("--model", default=None, help="BitDancePipeline folder (or 'builtin') to sample from")
@@ -72,7 +74,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (--model)")
     p.add_argument("--steps", type=int, default=None, help="flow steps (--model; default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG (--model; default: the model's)")
-    p.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"),
+    p.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance over the AR steps (--model; default: the model's)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)

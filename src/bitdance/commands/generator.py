@@ -25,7 +25,7 @@ from bitdance.utils import UserError
 
 
 def register(subparsers) -> None:
-    from bitdance.models.transformer import BITDANCE_PRESETS, PARALLEL_CHOICES
+    from bitdance.models.transformer import BITDANCE_PRESETS, CFG_SCHEDULES, PARALLEL_CHOICES
     from bitdance.train import TrainConfig
 
     d = TrainConfig()
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
                    "a larger --steps; default 0 re-stretches the whole cosine)")
     g = t.add_argument_group("sampling defaults saved with the model")
     g.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: preset's)")
-    g.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"), help="guidance schedule")
+    g.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES, help="guidance schedule")
     g.add_argument("--sample-steps", dest="sampling_steps", type=int, default=None,
                    help="head (flow) steps per AR step (default: preset's)")
     g = t.add_argument_group("run")
@@ -79,7 +79,7 @@ def register(subparsers) -> None:
     s.add_argument("--num-images", type=int, default=8, help="images per class label")
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (arr_0 uint8 NHWC, arr_1 labels)")
     s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's; 1 = off)")
-    s.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"),
+    s.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance schedule over AR steps (default: the model's)")
     s.add_argument("--steps", type=int, default=None, help="head (flow) steps per AR step (default: the model's)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")

@@ -14,6 +14,7 @@ from bitdance.commands.options import DTYPES
 
 
 def register(subparsers) -> None:
+    from bitdance.models.transformer import CFG_SCHEDULES
     from bitdance.official import OFFICIAL_MODELS
 
     c = subparsers.add_parser(
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
                    help="accept a width other than B/L/H (a model you trained with the official code)")
     c.add_argument("--no-ema", action="store_true", help="use the 'model' weights instead of 'ema'")
     c.add_argument("--cfg-scale", type=float, default=None, help="override the stored default CFG scale")
-    c.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None)
+    c.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None)
     c.add_argument("--num-steps", type=int, default=None, help="override the stored head sampling steps")
     c.add_argument("--force", action="store_true", help="overwrite an existing converted model in DST")
     c.set_defaults(func=run_convert)
@@ -48,7 +49,7 @@ def register(subparsers) -> None:
     s.add_argument("--per-proc-batch-size", type=int, default=32, help="batch per process (= chunk size)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cfg-scale", type=float, default=None, help="default: the model's saved official setting")
-    s.add_argument("--cfg-schedule", choices=("linear", "constant"), default=None)
+    s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None)
     s.add_argument("--num-steps", type=int, default=None, help="head sampling steps (default: saved, 100)")
     s.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="autocast dtype; bfloat16 on GPU (the official setting), float32 on CPU")

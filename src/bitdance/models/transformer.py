@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from bitdance.utils import PretrainedMixin, UserError
 
 PARALLEL_CHOICES = (1, 4, 16, 64)
+CFG_SCHEDULES = ("linear", "constant")  # guidance over the AR steps: ramp 1 -> s (ImageNet), or constant (T2I)
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -74,8 +75,8 @@ class BitDanceConfig:
             raise UserError(f"dim {self.dim} / n_heads {self.n_heads} must give a head width divisible by 4 (2D RoPE)")
         if self.head not in ("diffusion", "bitwise"):
             raise UserError(f"head must be 'diffusion' or 'bitwise', got {self.head!r}")
-        if self.cfg_schedule not in ("linear", "constant"):
-            raise UserError(f"cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise UserError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
         if self.class_tokens < 1:
             raise UserError("class_tokens must be >= 1")
 
