@@ -11,17 +11,15 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from bitdance.models.transformer import CFG_SCHEDULES
+from bitdance.models.transformer import check_cfg_schedule
 from bitdance.utils import UserError
 
 
 def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> float:
     """Guidance scale at AR step `step` of `num_steps`."""
-    if schedule == "constant":
+    if check_cfg_schedule(schedule) == "constant":
         return float(cfg_scale)
-    if schedule == "linear":
-        return 1.0 + (cfg_scale - 1.0) * step / num_steps
-    raise UserError(f"unknown cfg schedule {schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
+    return 1.0 + (cfg_scale - 1.0) * step / num_steps  # linear
 
 
 @torch.no_grad()
@@ -43,9 +41,7 @@ def generate(
     c = model.config
     num_steps = c.num_sampling_steps if num_steps is None else int(num_steps)
     cfg_scale = c.cfg_scale if cfg_scale is None else float(cfg_scale)
-    cfg_schedule = c.cfg_schedule if cfg_schedule is None else cfg_schedule
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise UserError(f"unknown cfg schedule {cfg_schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
+    cfg_schedule = check_cfg_schedule(c.cfg_schedule if cfg_schedule is None else cfg_schedule)
     if cfg_scale < 1.0:
         raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
     if num_steps < 1:

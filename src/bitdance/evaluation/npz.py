@@ -129,7 +129,8 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
-    settings = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "num_samples": num_samples, "num_classes": int(num_classes),
+    source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    settings = {"model": source, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule}

@@ -28,6 +28,16 @@ PARALLEL_CHOICES = (1, 4, 16, 64)
 CFG_SCHEDULES = ("linear", "constant")  # guidance over the AR steps: ramp 1 -> s (ImageNet), or constant (T2I)
 
 
+def check_cfg_schedule(schedule: str) -> str:
+    """`schedule` if it names one of CFG_SCHEDULES, else a UserError.
+
+    The one check of the config and the sampler; CLI flags take CFG_SCHEDULES as their choices.
+    """
+    if schedule not in CFG_SCHEDULES:
+        raise UserError(f"unknown cfg schedule {schedule!r}; choose one of {', '.join(CFG_SCHEDULES)}")
+    return schedule
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -75,8 +85,7 @@ class BitDanceConfig:
             raise UserError(f"dim {self.dim} / n_heads {self.n_heads} must give a head width divisible by 4 (2D RoPE)")
         if self.head not in ("diffusion", "bitwise"):
             raise UserError(f"head must be 'diffusion' or 'bitwise', got {self.head!r}")
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise UserError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {self.cfg_schedule!r}")
+        check_cfg_schedule(self.cfg_schedule)
         if self.class_tokens < 1:
             raise UserError("class_tokens must be >= 1")
 
