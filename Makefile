@@ -1,12 +1,12 @@
 # Two commands on a fresh machine:
 #   make generate   -> set up, then run the main job
-#   make test       -> set up, then run the test suite
+#   make test       -> set up, then lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup generate test data clean
+.PHONY: setup generate lint test data clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,11 @@ data:
 generate: setup
 	$(VENV)/bin/bitdance sample --num-images 8 --seed 0 --out outputs/samples.png
 
-test: setup
+# pyflakes, pycodestyle and import order (pyproject.toml [tool.ruff]); under a second
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest -q
 
 clean:

@@ -139,8 +139,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for q, r in results["runs"].items():
         perp = ", ".join(f"{p:.0f}" for p in r["perplexity_per_group"])
-        print(f"| {q} | {r['bits_per_token']} | {r['steps']} | {r['train_minutes'] or 0:.1f} | {r['train_wall_s']:.0f} s "
-              f"| {r['psnr']:.2f} | {r['ssim']:.4f} | {r['bit_usage']:.3f} | {perp} (of {r['codebook_size_per_group']}) |")
+        print(f"| {q} | {r['bits_per_token']} | {r['steps']} | {r['train_minutes'] or 0:.1f} "
+              f"| {r['train_wall_s']:.0f} s | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['bit_usage']:.3f} "
+              f"| {perp} (of {r['codebook_size_per_group']}) |")
     for q, r in results["runs"].items():
         print(f"{q}: {r['train_command']}")
     if "binary" in results["runs"]:

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+import bitdance.train_tokenizer as tt
 from bitdance.data import SyntheticImages
 from bitdance.models.autoencoder import ImageTokenizer
-import bitdance.train_tokenizer as tt
 from bitdance.train_tokenizer import TokenizerTrainConfig, run
 from bitdance.utils import UserError, load_checkpoint
 

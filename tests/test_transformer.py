@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitdance.models import transformer as T
-from bitdance.models.transformer import BITDANCE_PRESETS, BitDance, BitDanceConfig
+from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.utils import UserError
 
 

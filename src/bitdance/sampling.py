@@ -54,7 +54,7 @@ def generate(
     if int(labels.min()) < 0 or int(labels.max()) >= c.num_classes:
         raise UserError(f"class labels must be in 0..{c.num_classes - 1}, got {labels.tolist()}")
 
-    b, p, S = labels.shape[0], c.parallel, c.num_steps
+    b, S = labels.shape[0], c.num_steps
     # cfg_scale == 1 means every step is unguided under either schedule: the official code then skips the null branch
     use_cfg = cfg_scale > 1.0
     ids = torch.cat([labels, torch.full_like(labels, model.null_class)]) if use_cfg else labels  # (m,)

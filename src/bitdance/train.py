@@ -23,7 +23,6 @@ repeats exactly the draws it would have made without stopping.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from bitdance.models.transformer import BITDANCE_PRESETS, BitDance, BitDanceConf
 from bitdance.pipeline import BitDancePipeline, decode_codes, resolve_tokenizer_path
 from bitdance.sampling import generate
 from bitdance.utils import (
+    JsonlLog,
     UserError,
     autocast,
     barrier,
@@ -46,7 +46,6 @@ from bitdance.utils import (
     cosine_lr,
     ema_decay_at,
     find_resume_checkpoint,
-    JsonlLog,
     get_logger,
     init_distributed,
     load_checkpoint,

@@ -18,7 +18,6 @@ Run folder:
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from bitdance.losses import (
 from bitdance.metrics import evaluate_tokenizer
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer, TokenizerConfig
 from bitdance.utils import (
+    JsonlLog,
     UserError,
     autocast,
     barrier,
@@ -50,7 +50,6 @@ from bitdance.utils import (
     cosine_lr,
     ema_decay_at,
     find_resume_checkpoint,
-    JsonlLog,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -234,7 +233,8 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                     "data": {"source": dataset.source, "num_images": len(dataset), "skipped": dataset.skipped,
                              "class_names": dataset.class_names}}, out / "config.json")
     n_params = sum(p.numel() for p in trainable)
-    logger.info("tokenizer %s (%s, %d bits/token), %.2f M trainable parameters%s; %d steps, batch %d (%d per rank x %d)",
+    logger.info("tokenizer %s (%s, %d bits/token), %.2f M trainable parameters%s; "
+                "%d steps, batch %d (%d per rank x %d)",
                 cfg.init_from or cfg.preset, tok_cfg.quantizer, tok_cfg.z_channels, n_params / 1e6,
                 " (decoder only)" if cfg.decoder_only else "", cfg.steps, cfg.batch_size,
                 local_batch, info.world_size)

@@ -218,8 +218,8 @@ def check_finite(loss: torch.Tensor, step: int, info: DistInfo | None = None) ->
         finite = bad.item() == 0
     if not finite:
         raise FloatingPointError(
-            f"loss is {loss.item() if loss.numel() == 1 else 'not finite'} at step {step}; stopping. The last good checkpoint is kept. "
-            "Try a lower learning rate or --dtype float32."
+            f"loss is {loss.item() if loss.numel() == 1 else 'not finite'} at step {step}; stopping. "
+            "The last good checkpoint is kept. Try a lower learning rate or --dtype float32."
         )
 
 
@@ -298,7 +298,9 @@ def cleanup_distributed(info: DistInfo) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def get_logger(run_dir: str | os.PathLike | None = None, is_main: bool = True, name: str = "bitdance") -> logging.Logger:
+def get_logger(
+    run_dir: str | os.PathLike | None = None, is_main: bool = True, name: str = "bitdance"
+) -> logging.Logger:
     """Log to stderr and run_dir/log.txt on the main rank; silent elsewhere."""
     logger = logging.getLogger(f"{name}.{run_dir}" if run_dir else name)
     logger.handlers.clear()

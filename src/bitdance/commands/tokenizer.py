@@ -20,6 +20,8 @@ from pathlib import Path
 from bitdance.commands.options import DEVICE_HELP, add_optimisation_flags, add_run_flags, config_from_args
 from bitdance.utils import UserError
 
+MODEL_HELP = "tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)"
+
 
 def register(subparsers) -> None:
     from bitdance.models.autoencoder import TOKENIZER_PRESETS
@@ -80,7 +82,7 @@ def register(subparsers) -> None:
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="PSNR, SSIM, bit usage and code perplexity on a data split")
-    e.add_argument("--model", default=None, help="tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)")
+    e.add_argument("--model", default=None, help=MODEL_HELP)
     e.add_argument("--data", required=True, help="image folder or Fashion-MNIST IDX folder")
     e.add_argument("--split", default="test", help="split to evaluate (default: test)")
     e.add_argument("--num-images", type=int, default=None, help="evenly spaced images to use (default: all)")
@@ -94,7 +96,7 @@ def register(subparsers) -> None:
 
     r = sub.add_parser("reconstruct", help="encode and decode images; write original | reconstruction PNGs")
     r.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    r.add_argument("--model", default=None, help="tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)")
+    r.add_argument("--model", default=None, help=MODEL_HELP)
     r.add_argument("--out", required=True, help="output folder for <name>_recon.png files")
     r.add_argument("--scale", type=int, default=None, help="upscale factor of the PNGs (default: to ~128 px)")
     r.add_argument("--device", default=None, help=DEVICE_HELP)

@@ -80,7 +80,9 @@ class BitDanceConfig:
         if self.parallel not in PARALLEL_CHOICES:
             raise UserError(f"parallel must be one of {PARALLEL_CHOICES}, got {self.parallel}")
         if h % side or w % side:
-            raise UserError(f"token grid {h}x{w} is not divisible by the {side}x{side} patch of parallel={self.parallel}")
+            raise UserError(
+                f"token grid {h}x{w} is not divisible by the {side}x{side} patch of parallel={self.parallel}"
+            )
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
             raise UserError(f"dim {self.dim} / n_heads {self.n_heads} must give a head width divisible by 4 (2D RoPE)")
         if self.head not in ("diffusion", "bitwise"):
