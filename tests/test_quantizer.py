@@ -171,3 +171,15 @@ def test_vq_restarts_unused_codewords_on_badly_quantized_latents():
     after = vq.eval()(x, compute_loss=True)
     assert after.perplexity > first.perplexity
     assert after.commitment < first.commitment  # latents are closer to their codewords
+
+
+def test_vq_frozen_codebook_is_never_restarted():
+    """A decoder-only fine-tune freezes the quantizer but trains in train mode: dead codewords must stay put."""
+    cfg = QuantizerConfig(bits=8, group_size=4, kind="vq", usage_decay=0.5, restart_threshold=0.2)
+    torch.manual_seed(0)
+    vq = VQQuantizer(cfg).train().requires_grad_(False)
+    x = torch.randn(4, 8, 4, 4, generator=_gen()) * 0.5 + 1.0  # as above: most codewords go unused
+    book = vq.codebook.detach().clone()
+    for _ in range(4):
+        vq(x)
+    assert torch.equal(vq.codebook, book)

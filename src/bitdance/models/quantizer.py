@@ -352,8 +352,10 @@ class VQQuantizer(nn.Module):
             codes = zq_st.flatten(-2).view(b, h, w, k).permute(0, 3, 1, 2)  # (b, k, h, w)
             indices = idx.view(b, h, w, self.num_groups).permute(0, 3, 1, 2)  # (b, G, h, w)
             loss = codebook_loss + cfg.commitment_weight * commitment
-            if self.training and torch.is_grad_enabled() and cfg.restart_threshold > 0:
-                # after the lookup, so this step's outputs are unchanged
+            restart = self.training and torch.is_grad_enabled() and cfg.restart_threshold > 0
+            if restart and self.codebook.requires_grad:
+                # after the lookup, so this step's outputs are unchanged. A frozen codebook (a decoder-only
+                # fine-tune) never moves: its codes are what a trained generator speaks
                 self._restart_dead_codes(z.detach(), zq.detach(), idx)
         perplexity, usage = index_usage(indices, cfg.codebook_size)
         return QuantizerOutput(
