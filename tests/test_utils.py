@@ -1,10 +1,16 @@
+import os
+from dataclasses import dataclass
+
+import pytest
 import torch
 from torch import nn
 
 from bitdance.utils import (
+    PretrainedMixin,
     UserError,
     atomic_path,
     cosine_lr,
+    find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
     update_ema,
@@ -77,3 +83,57 @@ def test_save_pretrained_half_precision_loads_back_as_fp32(tmp_path):
     assert back.lin.weight.dtype == torch.float32
     assert torch.equal(back.lin.weight, net.lin.weight.half().float())
     assert (tmp_path / "half" / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
+
+
+def test_resume_prefers_the_out_folders_own_checkpoint(tmp_path):
+    """--resume starts a run; once that run has saved, rerunning the same command goes on from its own save."""
+    start, out = tmp_path / "start", tmp_path / "out"
+    start.mkdir()
+    out.mkdir()
+    save_checkpoint({"step": 3}, start / "checkpoint.pt")
+    assert find_resume_checkpoint(None, out) is None
+    assert find_resume_checkpoint(start, out) == start / "checkpoint.pt"  # a run folder or a file
+    assert find_resume_checkpoint(start / "checkpoint.pt", out) == start / "checkpoint.pt"
+    save_checkpoint({"step": 5}, out / "checkpoint.pt")
+    assert find_resume_checkpoint(start, out) == out / "checkpoint.pt"
+    assert find_resume_checkpoint(None, out) == out / "checkpoint.pt"
+    with pytest.raises(UserError, match="no checkpoint"):
+        find_resume_checkpoint(tmp_path / "missing", out)
+
+
+def test_atomic_writes_get_plain_file_permissions(tmp_path):
+    """mkstemp creates 0600 files; a saved model or image must be readable like any file the user writes."""
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_unreadable_weight_files_give_one_clear_error(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="empty.pt"):
+        load_checkpoint(tmp_path / "empty.pt")
+
+    model = _TinyPretrained(_TinyConfig())
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # a download or copy cut short
+    with pytest.raises(UserError, match="model.safetensors"):
+        _TinyPretrained.from_pretrained(tmp_path / "model")
+
+
+@dataclass
+class _TinyConfig:
+    width: int = 4
+
+
+class _TinyPretrained(nn.Module, PretrainedMixin):
+    config_class = _TinyConfig
+
+    def __init__(self, config: _TinyConfig):
+        super().__init__()
+        self.config = config
+        self.linear = nn.Linear(config.width, config.width)

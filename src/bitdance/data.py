@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitdance.utils import UserError, atomic_path
+from bitdance.utils import UserError, atomic_path, first_line
 
 log = logging.getLogger("bitdance.data")
 
@@ -326,7 +326,7 @@ def _image_files(folder: Path, recursive: bool) -> list[Path]:
 
 
 def _short(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return f"{type(e).__name__}: {first_line(e, 160)}"
 
 
 def load_image_array(path: str | os.PathLike, resolution: int, channels: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitdance.utils import UserError, read_json, write_json
+from bitdance.utils import UserError, first_line, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
 # The released models and their official sampling settings (ref §3.1 table, §7.1)
@@ -114,8 +114,7 @@ def read_official_checkpoint(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(safe):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # pickle errors, truncated or non-torch files
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {first}") from e
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         raise UserError(f"{path} is not an official BitDance ImageNet checkpoint: it holds a {kind}")

