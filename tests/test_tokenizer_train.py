@@ -152,3 +152,12 @@ def test_init_from_and_decoder_only_refuse_bad_combinations(data_dir, tmp_path):
     first = run(_cfg(data_dir, tmp_path / "first", steps=2))
     with pytest.raises(UserError, match="--quantizer"):
         run(_cfg(data_dir, tmp_path / "c", init_from=str(first), quantizer="vq"))
+
+
+@pytest.mark.parametrize("bad", [dict(save_every=0), dict(log_every=0), dict(batch_size=0), dict(eval_every=-1),
+                                 dict(ema_decay=1.0)])
+def test_bad_loop_options_are_refused_before_training(data_dir, tmp_path, bad):
+    """Each of these used to divide by zero (or never stop) somewhere inside the loop."""
+    with pytest.raises(UserError, match="must be"):
+        run(_cfg(data_dir, tmp_path / "run", **bad))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

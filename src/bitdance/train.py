@@ -42,6 +42,7 @@ from bitdance.utils import (
     autocast,
     barrier,
     check_finite,
+    check_loop_options,
     cleanup_distributed,
     cosine_lr,
     ema_decay_at,
@@ -128,16 +129,10 @@ def _validate(cfg: TrainConfig, world: int) -> None:
         raise UserError("no training data given (--data PATH)")
     if cfg.preset not in BITDANCE_PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(BITDANCE_PRESETS)}")
-    if cfg.steps < 1:
-        raise UserError("--steps must be at least 1")
+    check_loop_options(cfg.steps, cfg.batch_size, world, cfg.save_every, cfg.log_every, cfg.ema_decay,
+                       {"--sample-every": cfg.sample_every})
     if not 0 <= cfg.schedule_start < cfg.steps:
         raise UserError(f"--schedule-start must be in [0, --steps), got {cfg.schedule_start} (--steps {cfg.steps})")
-    if cfg.batch_size < 1 or cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a positive multiple of the world size {world}")
-    if cfg.save_every < 1 or cfg.log_every < 1 or (cfg.sample_every is not None and cfg.sample_every < 0):
-        raise UserError("--save-every and --log-every must be at least 1, --sample-every at least 0")
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise UserError(f"--ema must be in [0, 1), got {cfg.ema_decay}")
     resolve_dtype(cfg.dtype)
 
 

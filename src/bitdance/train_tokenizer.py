@@ -45,6 +45,7 @@ from bitdance.utils import (
     autocast,
     barrier,
     check_finite,
+    check_loop_options,
     cleanup_distributed,
     config_from_dict,
     cosine_lr,
@@ -174,10 +175,8 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     device, main = info.device, info.is_main
     if not cfg.data:
         raise UserError("no training data given (--data PATH)")
-    if cfg.batch_size % info.world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the world size {info.world_size}")
-    if cfg.steps < 1:
-        raise UserError("--steps must be at least 1")
+    check_loop_options(cfg.steps, cfg.batch_size, info.world_size, cfg.save_every, cfg.log_every, cfg.ema_decay,
+                       {"--sample-every": cfg.sample_every, "--eval-every": cfg.eval_every})
     if min(cfg.disc_start, cfg.disc_warmup) < 0:
         raise UserError("--disc-start and --disc-warmup must be at least 0")
     if cfg.lpips_weight > 0 and not cfg.lpips_weights:

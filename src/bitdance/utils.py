@@ -242,6 +242,25 @@ def check_finite(loss: torch.Tensor, step: int, info: DistInfo | None = None) ->
         )
 
 
+def check_loop_options(steps: int, batch_size: int, world_size: int, save_every: int, log_every: int,
+                       ema_decay: float, every: dict[str, int | None] | None = None) -> None:
+    """The checks every training loop needs before it starts (a zero here would divide by zero much later).
+
+    `every`: further "--flag": value intervals where 0 (or None) means off.
+    """
+    if steps < 1:
+        raise UserError("--steps must be at least 1")
+    if batch_size < 1 or batch_size % world_size:
+        raise UserError(f"--batch-size {batch_size} must be a positive multiple of the world size {world_size}")
+    if save_every < 1 or log_every < 1:
+        raise UserError("--save-every and --log-every must be at least 1")
+    for flag, value in (every or {}).items():
+        if value is not None and value < 0:
+            raise UserError(f"{flag} must be at least 0 (0: off), got {value}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise UserError(f"--ema must be in [0, 1), got {ema_decay}")
+
+
 def find_resume_checkpoint(resume: str | os.PathLike | None, out: Path, name: str = "checkpoint.pt") -> Path | None:
     """The checkpoint to resume from: out/name if present, else `resume` (a file, or a run folder holding `name`).
 
