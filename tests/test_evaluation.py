@@ -341,3 +341,24 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
     assert FakePipeline.schedules == ["constant"] * 3  # the sampling flags reach the pipeline
     _, labels = load_npz(tmp_path / "gen.npz")
     assert list(labels) == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_classifier_reports_no_test_accuracy_without_a_held_out_split(tmp_path):
+    """A class-folder data set without train/ and test/ is used whole for every split: its 'test' accuracy
+    would be accuracy on the training images, so none is reported."""
+    from PIL import Image
+
+    from bitdance.data import SyntheticImages
+    from bitdance.evaluation.classifier import train_classifier
+    from bitdance.utils import to_uint8
+
+    ds = SyntheticImages(12, 16, 1, num_classes=3, seed=1)
+    arr = to_uint8(ds.get_batch(range(12))[0]).numpy()  # (12, 16, 16, 1)
+    for i in range(12):
+        folder = tmp_path / "data" / ds.class_names[int(ds.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr[i, ..., 0]).save(folder / f"{i}.png")
+    metrics = train_classifier(tmp_path / "data", tmp_path / "clf", steps=2, batch_size=4, preset="tiny",
+                               resolution=16, progress=False)
+    assert metrics["test_accuracy"] is None and "no held-out test split" in metrics["note"]
+    assert metrics["train_accuracy"] is not None

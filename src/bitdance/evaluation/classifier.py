@@ -197,7 +197,11 @@ def train_classifier(data_path: str | os.PathLike, out_dir: str | os.PathLike, s
         test = open_dataset(data_path, resolution, channels, "test")
     except UserError:
         test = None  # no separate test split: report the train accuracy only
-    if test is not None:
+    if test is not None and test.source == train.source:
+        test = None  # a folder without train/ and test/ serves every split whole: nothing is held out
+    if test is None:
+        metrics["note"] = f"{data_path} has no held-out test split: test_accuracy is not measured"
+    else:
         tx, ty = _dataset_tensors(test, "loading test split", progress)
         metrics["test_accuracy"] = accuracy(model, tx, ty)
         metrics["test_images"] = int(tx.shape[0])
