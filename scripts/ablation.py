@@ -9,7 +9,7 @@ split, class consistency, images/s) and draws the speed/quality plot OUT/ablatio
     bitwise-4x                                    per-bit classification head, 4 tokens per AR step
 
     python scripts/ablation.py --tokenizer runs/tok/model --device cuda --jobs 4   # GPU: all runs at once
-    python scripts/ablation.py --tokenizer src/bitdance/builtin/tokenizer --steps 1400 --batch-size 32  # CPU
+    python scripts/ablation.py --tokenizer src/bitdance/builtin/tokenizer --train-steps 1400 --train-batch-size 32
     python scripts/ablation.py --tokenizer T --device cuda --variants diffusion-4x --model-arg dim=384 --out runs/wide
     python scripts/ablation.py --plot-only --out runs/ablation --speed runs/bench_sampling*/bench_sampling.json
 

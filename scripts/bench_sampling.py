@@ -1,7 +1,7 @@
 """Sampling speed of next-patch decoding: parallel 1x / 4x / 16x at equal head (flow) steps, KV cache on and off.
 
-One small model (the `fmnist` preset: 8x8 grid of 32-bit tokens, so 64 / 16 / 4 AR steps), random init unless a
-trained pipeline folder is given (then only its own parallel is timed). For each batch size and parallel we time
+One small model (the `fmnist` preset: 8x8 grid of 32-bit tokens, so 64 / 16 / 4 AR steps) at random init (speed
+does not depend on the weights). For each batch size and parallel we time
 `sampling.generate` (tokens only; decoding is the same for every setting and is timed once), split the time into
 head vs backbone, count FLOPs per image, and check that the cache-free path gives the same tokens.
 

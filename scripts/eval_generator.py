@@ -56,7 +56,7 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
 
     from bitdance.evaluation.npz import generate_samples, save_npz
     from bitdance.pipeline import BitDancePipeline
-    from bitdance.utils import resolve_device
+    from bitdance.utils import resolve_device, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
@@ -67,9 +67,9 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     rows = []
     for cfg in args.cfg:
         tag = "default" if cfg is None else f"{cfg:g}"
-        key = (cfg, args.steps, args.cfg_schedule, args.num_samples, args.seed, model)
+        key = (cfg, args.steps, args.cfg_schedule, args.num_samples, args.seed, args.batch_size, model)
         same = [r for r in done if (r["cfg"], r["steps"], r.get("cfg_schedule"), r["num_samples"],
-                                    r.get("settings", {}).get("seed", 0), r["model"]) == key]
+                                    r.get("settings", {}).get("seed", 0), r["batch_size"], r["model"]) == key]
         if same:  # scored by an earlier run of this script: keep it
             rows.append(same[0])
             continue
@@ -100,8 +100,8 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      "threads": torch.get_num_threads(), "samples": str(npz), "settings": settings})
         print(format_rows(rows[-1:]), flush=True)
-        kept = [r for r in done if r not in rows and r["model"] == model]  # other settings scored earlier
-        done_path.write_text(json.dumps(rows + kept, indent=2))
+        kept = [r for r in done if r not in rows]  # other settings and models scored earlier
+        write_json(rows + kept, done_path)
     return rows
 
 
