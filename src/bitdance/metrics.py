@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bitdance.models.quantizer import bits_to_indices
+
 PSNR_CAP_DB = 100.0  # identical images give this instead of inf, so means and JSON stay finite
 
 
@@ -61,31 +63,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window_size: int = 11, sigma: float =
 # ----------------------------------------------------------------------------------------------
 
 
-def pack_groups(codes: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """+-1 codes (b, k, h, w) -> int64 indices (b*h*w, num_groups), little-endian bits within each group."""
-    b, k, h, w = codes.shape
-    if k % num_groups:
-        raise ValueError(f"{k} bits do not split into {num_groups} groups")
-    g = k // num_groups
-    if g > 62:
-        raise ValueError(f"groups of {g} bits do not fit an int64 index")
-    bits = (codes > 0).long().permute(0, 2, 3, 1).reshape(-1, num_groups, g)  # (n, groups, g)
-    weights = 2 ** torch.arange(g, device=codes.device)  # (g,)
-    return (bits * weights).sum(-1)  # (n, groups)
-
-
 def perplexity(indices: torch.Tensor) -> float:
     """exp(entropy) of the empirical distribution of a 1-D tensor of code indices."""
     _, counts = torch.unique(indices, return_counts=True)
     p = counts.double() / counts.sum()
     return math.exp(float(-(p * p.log()).sum()))
-
-
-def bit_usage(codes: torch.Tensor) -> dict:
-    """Fraction of +1 bits overall and per bit channel, for codes (b, k, h, w) of +-1."""
-    ones = (codes > 0).float()
-    per_bit = ones.transpose(0, 1).flatten(1).mean(1)  # (k,)
-    return {"ones_fraction": float(ones.mean()), "per_bit": per_bit.tolist()}
 
 
 class CodeStats:
@@ -101,9 +83,7 @@ class CodeStats:
         self.indices: list[torch.Tensor] = []
 
     def update(self, codes: torch.Tensor) -> None:
-        k = codes.shape[1]
-        self.update_indices(pack_groups(codes.detach().cpu(), k // self.group_size).view(
-            codes.shape[0], *codes.shape[2:], -1).permute(0, 3, 1, 2))
+        self.update_indices(bits_to_indices(codes.detach().cpu(), self.group_size))  # (b, G, h, w)
 
     def update_indices(self, indices: torch.Tensor) -> None:
         idx = indices.detach().cpu().long().movedim(1, -1).reshape(-1, indices.shape[1])  # (n, G)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitdance.utils import UserError, first_line, read_json, write_json
+from bitdance.utils import UserError, batch_seed, count_parameters, first_line, read_json, write_json
 
 # ----------------------------------------------------------------------------------------------
 # The released models and their official sampling settings (ref §3.1 table, §7.1)
@@ -343,7 +343,7 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
     summary = {
         "model_name": name, "source": src.name, "weights": which, "epochs": _plain(obj.get("epochs")),
         "tokenizer": Path(tok_source.split(" ")[0]).name, "image_size": image_size,
-        "parameters": sum(p.numel() for p in generator.parameters()),
+        "parameters": count_parameters(generator),
         "sampling": {"cfg_scale": config.cfg_scale, "cfg_schedule": config.cfg_schedule,
                      "num_sampling_steps": config.num_sampling_steps},
         "args": args,
@@ -371,11 +371,6 @@ class SampleSetConfig:
     dtype: str = "float32"  # "bfloat16" autocasts on GPU
     device: str | None = None
     progress: bool = True
-
-
-def sample_seed(seed: int, first_index: int) -> int:
-    """Seed of the batch whose first sample has global index `first_index` (same rule as `bitdance eval`)."""
-    return seed * 1_000_003 + first_index
 
 
 def _chunk_path(chunk_dir: Path, start: int) -> Path:
@@ -445,7 +440,7 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
         for s in todo:
             e = min(s + cfg.batch_size, total)
             labels = np.arange(s, e) // cfg.per_class  # (b,) label order
-            gen = torch.Generator(device=info.device).manual_seed(sample_seed(cfg.seed, s))
+            gen = torch.Generator(device=info.device).manual_seed(batch_seed(cfg.seed, s))
             images = pipe(class_labels=labels.tolist(), num_inference_steps=settings["num_steps"],
                           guidance_scale=settings["cfg_scale"], cfg_schedule=settings["cfg_schedule"],
                           generator=gen, output_type="np", progress=False).images  # (b, H, W, c) uint8

@@ -41,10 +41,12 @@ from bitdance.utils import (
     UserError,
     autocast,
     barrier,
+    changed_fields,
     check_finite,
     check_loop_options,
     cleanup_distributed,
     cosine_lr,
+    count_parameters,
     ema_decay_at,
     find_resume_checkpoint,
     first_line,
@@ -253,11 +255,9 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "step"} <= set(state):
         raise UserError(f"{path} is not a bitdance generator training checkpoint")
-    saved = state.get("model_config", {})
-    mine = asdict(model_cfg)
     # sampling defaults do not touch the weights: a resume may change them (rerunning a finished run with a new
     # --cfg re-exports it with that default)
-    diff = [k for k in mine if k in saved and k not in SAMPLING_DEFAULTS and _plain(saved[k]) != _plain(mine[k])]
+    diff = changed_fields(state.get("model_config", {}), model_cfg, ignore=SAMPLING_DEFAULTS)
     if diff:
         raise UserError(f"{path} was trained with another model config ({', '.join(diff)} differ); "
                         "use a new --out folder or the same --preset/--parallel/--head")
@@ -291,10 +291,6 @@ def schedule_lr(cfg: TrainConfig, step: int) -> float:
     """Warmup + cosine from cfg.schedule_start to cfg.steps (before schedule_start: the first warmup step's lr)."""
     return cosine_lr(max(0, step - cfg.schedule_start), cfg.lr, cfg.warmup, cfg.steps - cfg.schedule_start,
                      cfg.min_lr)
-
-
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 class LossLog(JsonlLog):
@@ -348,7 +344,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
                     "tokenizer_fingerprint": tok_key, "class_names": class_names,
                     "data": {"source": dataset.source, "num_images": len(dataset), "skipped": dataset.skipped}},
                    out / "config.json")
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     logger.info("BitDance %s %dx (%s head), %.2f M parameters, %d classes, %dx%d tokens of %d bits; "
                 "%d steps, batch %d (%d per rank x %d)", cfg.preset, cfg.parallel, cfg.head, n_params / 1e6,
                 len(class_names), *model_cfg.grid_size, model_cfg.token_bits, cfg.steps, cfg.batch_size,

@@ -44,6 +44,7 @@ from bitdance.utils import (
     UserError,
     autocast,
     barrier,
+    changed_fields,
     check_finite,
     check_loop_options,
     cleanup_distributed,
@@ -124,10 +125,6 @@ def build_tokenizer_config(cfg: TokenizerTrainConfig) -> TokenizerConfig:
     if cfg.group_size is not None:
         changes["group_size"] = cfg.group_size
     return config_from_dict(TokenizerConfig, {**asdict(tok), **changes}) if changes else tok
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
 class TokenizerLog(JsonlLog):
@@ -412,9 +409,7 @@ def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"{path} is not a bitdance tokenizer training checkpoint")
-    saved = state.get("tokenizer_config", {})
-    mine = asdict(tok_cfg)
-    diff = [k for k in mine if k in saved and _norm(saved[k]) != _norm(mine[k])]
+    diff = changed_fields(state.get("tokenizer_config", {}), tok_cfg)
     if diff:
         raise UserError(f"{path} was trained with another tokenizer config ({', '.join(diff)} differ); "
                         "use a new --out folder or the same --preset/--quantizer")
@@ -432,6 +427,3 @@ def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int
         raise UserError(f"{path} does not match this model: {first_line(e)}")
     return int(state["step"]), float(state.get("train_seconds", 0.0))
 
-
-def _norm(v):
-    return list(v) if isinstance(v, tuple) else v

@@ -242,6 +242,22 @@ def check_finite(loss: torch.Tensor, step: int, info: DistInfo | None = None) ->
         )
 
 
+def batch_seed(seed: int, first_index: int) -> int:
+    """Seed of the sampling batch whose first image has global index `first_index`: no two batches (of a run
+    or of runs with other seeds below 1,000,003 images) share noise, and any batch can be redrawn alone."""
+    return seed * 1_000_003 + first_index
+
+
+def changed_fields(saved: dict, current, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Fields of the dataclass `current` whose value differs from the checkpoint's `saved` dict (JSON turned
+    tuples into lists, so those compare equal); fields the checkpoint predates are not differences."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    mine = asdict(current)
+    return [k for k in mine if k in saved and k not in ignore and plain(saved[k]) != plain(mine[k])]
+
+
 def check_loop_options(steps: int, batch_size: int, world_size: int, save_every: int, log_every: int,
                        ema_decay: float, every: dict[str, int | None] | None = None) -> None:
     """The checks every training loop needs before it starts (a zero here would divide by zero much later).

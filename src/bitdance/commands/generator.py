@@ -111,7 +111,7 @@ def run_sample(args) -> int:
     from tqdm.auto import tqdm
 
     from bitdance.pipeline import BitDancePipeline
-    from bitdance.utils import resolve_device, save_image_grid
+    from bitdance.utils import batch_seed, resolve_device, save_image_grid
 
     out = Path(args.out)
     kind = out.suffix.lower()
@@ -133,8 +133,7 @@ def run_sample(args) -> int:
     images = []
     bar = tqdm(total=len(labels), desc="images", unit="img", disable=not args.progress)
     for start in range(0, len(labels), args.batch_size):
-        # a generator per batch seeded by the first global index: no two batches share noise
-        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + start)
+        gen = torch.Generator(device=device).manual_seed(batch_seed(args.seed, start))
         batch = pipe(class_labels=labels[start:start + args.batch_size], num_inference_steps=args.steps,
                      guidance_scale=args.cfg, cfg_schedule=args.cfg_schedule, generator=gen, output_type="pt",
                      progress=args.progress)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitdance.utils import UserError, atomic_path
+from bitdance.utils import UserError, atomic_path, batch_seed
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -124,7 +124,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
     labels = balanced_labels(num_samples, int(num_classes))
     images = []
     for start in tqdm(range(0, num_samples, batch_size), desc="sampling", disable=not progress):
-        gen = torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + start)
+        gen = torch.Generator(device=device or "cpu").manual_seed(batch_seed(seed, start))
         out = pipe(class_labels=labels[start:start + batch_size].tolist(),
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False)

@@ -17,7 +17,6 @@ m tokens (b * h * w).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -379,8 +378,3 @@ def build_quantizer(config: QuantizerConfig) -> nn.Module:
     if config.kind not in QUANTIZERS:
         raise UserError(f"unknown quantizer {config.kind!r}; choose one of {', '.join(QUANTIZERS)}")
     return QUANTIZERS[config.kind](config)
-
-
-def entropy_upper_bound(config: QuantizerConfig) -> float:
-    """The largest codebook entropy a batch can reach (nats): log 2^g."""
-    return config.group_size * math.log(2.0)
