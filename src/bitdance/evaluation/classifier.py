@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitdance.data import to_float
 from bitdance.utils import PretrainedMixin, UserError, cosine_lr, write_json
 
 
@@ -75,7 +76,7 @@ class Classifier(nn.Module, PretrainedMixin):
         """uint8 (n, H, W, c) or float (n, c, H, W) in [-1, 1] -> float (n, c', R, R) the network expects."""
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         if x.dtype == torch.uint8:
-            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, c, H, W) in [-1, 1]
+            x = to_float(x.permute(0, 3, 1, 2))  # (n, c, H, W) in [-1, 1]
         x = x.float()
         c, r = self.config.in_channels, self.config.resolution
         if x.shape[1] != c:
