@@ -171,3 +171,32 @@ def test_encode_dataset_caches_by_fingerprint(tmp_path):
         tok.offset[0] = 5.0  # another tokenizer: the cache must be rebuilt
     fresh, _ = encode_dataset(tok, ds, 4, "cpu", tmp_path / "c.safetensors", progress=False)
     assert tok.calls == 6 and (fresh[:, 0] == 1).all()
+
+
+def test_split_folders_and_empty_classes_keep_labels_aligned(tmp_path):
+    """train/ alone is a split, not a class called "train"; an empty class folder keeps its label, so a class
+    has the same id in every split."""
+    for name in ("a", "b", "c"):
+        _png(tmp_path / "train" / name / "0.png", (10, 10, 10))
+    (tmp_path / "test" / "b").mkdir(parents=True)  # a class with no test images
+    for name in ("a", "c"):
+        _png(tmp_path / "test" / name / "0.png", (10, 10, 10))
+    train, test = load_dataset(tmp_path, 16), load_dataset(tmp_path, 16, split="test")
+    assert train.class_names == test.class_names == ["a", "b", "c"]
+    assert train.get_batch(range(3))[1].tolist() == [0, 1, 2] and test.get_batch(range(2))[1].tolist() == [0, 2]
+    only_train = tmp_path / "only_train"
+    for name in ("a", "b"):
+        _png(only_train / "train" / name / "0.png", (10, 10, 10))
+    assert load_dataset(only_train, 16).class_names == ["a", "b"]
+    with pytest.raises(UserError, match="no 'test' split"):
+        load_dataset(only_train, 16, split="test")
+
+
+def test_broken_idx_files_are_user_errors(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 6))  # header cut after 1.5 of 3 dims
+    with pytest.raises(UserError, match="cut short"):
+        read_idx(path)
+    _write_idx(path, np.zeros((0, 28, 28)))
+    with pytest.raises(UserError, match="no images"):
+        read_idx(path)

@@ -201,6 +201,12 @@ def test_parallel_head_checks_patch_size():
         head.loss(torch.randn(2, 4, 64), torch.randn(2, 4, 8))
 
 
+@pytest.mark.parametrize("depth, num_adaln", [(6, 4), (2, 4), (3, 2)])
+def test_adaln_groups_must_divide_the_depth(depth, num_adaln):
+    with pytest.raises(UserError, match="divisible by num_adaln"):
+        DiffusionHead(HeadConfig(token_bits=8, cond_dim=16, width=16, depth=depth, num_adaln=num_adaln))
+
+
 def test_loss_in_fp32_under_bf16_autocast():
     head = DiffusionHead(tiny(4))
     head.net.final_layer.linear.weight.data.normal_()  # make the prediction depend on the input

@@ -96,6 +96,14 @@ def test_class_names_and_labels(pipe):
         pipe([3])
 
 
+def test_class_names_that_look_like_numbers_are_names_first():
+    """Class folders "1", "10", "2" sort as text: "10" is id 1, and asking for "1" must mean the class "1"."""
+    base = make_pipeline()
+    numeric = BitDancePipeline(base.tokenizer, base.model, ["1", "10", "2"])
+    assert numeric.class_ids(["1", "10", "2", 1]) == [0, 1, 2, 1]
+    assert numeric.class_ids(["0"]) == [0]  # not a name: read as an id
+
+
 def test_cache_free_sampling_gives_the_same_images(pipe):
     a = pipe([0, 1], generator=gen(5), output_type="pt", progress=False).images
     b = pipe([0, 1], generator=gen(5), output_type="pt", progress=False, use_cache=False).images

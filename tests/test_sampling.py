@@ -131,6 +131,27 @@ def test_model_defaults_and_user_errors():
         generate(model, torch.tensor([0]), cfg_scale=0.5, progress=False)
     with pytest.raises(UserError):
         generate(model, torch.tensor([0]), cfg_schedule="cosine", progress=False)
+    with pytest.raises(UserError, match="class dropout"):  # its null class was never trained
+        generate(make(class_dropout=0.0), [0], cfg_scale=2.0, progress=False)
     model.train()
     generate(model, [0], generator=gen(0), progress=False)
     assert model.training  # training mode restored after sampling
+
+
+def test_a_cpu_generator_drives_a_model_on_another_device():
+    """Noise is drawn where the generator lives, then moved (diffusers' convention): the same seed gives the same
+    numbers whatever the model's device. Shown with the meta device, which needs no GPU."""
+    from bitdance.utils import random_on
+
+    x = random_on("normal", (2, 3), gen(0), "meta")
+    assert x.device.type == "meta" and x.shape == (2, 3)
+    assert torch.equal(random_on("uniform", (4,), gen(1), "cpu"), torch.rand(4, generator=gen(1)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_generator_with_a_cuda_model_samples_like_the_cpu():
+    model = make(parallel=4)
+    cpu = generate(model, [0, 1], generator=gen(3), progress=False)
+    cuda = generate(model.cuda(), [0, 1], generator=gen(3), progress=False)
+    assert (cuda.cpu() == cpu).float().mean() > 0.99  # the same noise; kernels may round differently

@@ -197,6 +197,19 @@ def test_model_args_override_the_preset_and_are_kept_on_resume(tokenizer_dir, da
         run(cfg(tokenizer_dir, data_dir, tmp_path / "c", class_dropout=0.2, model_args={"class_dropout": 0.3}))
 
 
+def test_no_class_dropout_means_no_guidance(tokenizer_dir, tmp_path):
+    """Without class dropout the null class is never trained: the model's default guidance becomes 1, and asking
+    for more is refused before any training."""
+    tok = ImageTokenizer.from_pretrained(tokenizer_dir)
+    base = dict(tokenizer=str(tokenizer_dir), data="unused", preset="tiny", class_dropout=0.0)
+    assert tr.build_model_config(TrainConfig(**base), tok, num_classes=3).cfg_scale == 1.0
+    with_dropout = TrainConfig(**{**base, "class_dropout": 0.1})
+    assert tr.build_model_config(with_dropout, tok, num_classes=3).cfg_scale == 2.0  # the tiny preset's
+    for explicit in (dict(cfg_scale=2.0), dict(model_args={"cfg_scale": 2.0})):
+        with pytest.raises(UserError, match="class dropout"):
+            tr.build_model_config(TrainConfig(**base, **explicit), tok, num_classes=3)
+
+
 def test_rerunning_a_finished_run_with_new_sampling_defaults_re_exports_it(tokenizer_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     first = BitDance.from_pretrained(run(cfg(tokenizer_dir, data_dir, out, steps=2, cfg_scale=3.0)) / "generator")

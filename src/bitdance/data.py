@@ -206,8 +206,8 @@ def load_dataset(path: str | os.PathLike, resolution: int, channels: int | None 
                  split: str = "train") -> ImageDataset:
     """Open `path`: a folder of Fashion-MNIST IDX files, a folder of class subfolders, or a flat image folder.
 
-    A folder with `train/` plus `test/` (or `val/`) subfolders is split on disk; `split` picks one. Any
-    other folder is used whole for every split.
+    A folder with a `train/` subfolder is split on disk: `split` picks `train/`, or `test/` (`val/` if there
+    is no `test/`); asking for a split it lacks is an error. Any other folder is used whole for every split.
     """
     path = Path(path)
     if not path.exists():
@@ -218,7 +218,7 @@ def load_dataset(path: str | os.PathLike, resolution: int, channels: int | None 
         raise UserError(f"channels must be 1 or 3, got {channels}")
     if _find_idx(path, "train") or _find_idx(path, "test"):
         return load_idx(path, resolution, channels, split)
-    if (path / "train").is_dir() and ((path / "test").is_dir() or (path / "val").is_dir()):
+    if (path / "train").is_dir():
         sub = path / split
         if split == "test" and not sub.is_dir():
             sub = path / "val"
@@ -254,8 +254,12 @@ def read_idx(path: Path) -> np.ndarray:
     if magic not in (0x801, 0x803):
         raise UserError(f"{path} is not an IDX uint8 file (magic {magic:#010x})")
     ndim = magic & 0xFF
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"{path} is cut short inside its IDX header")
     dims = struct.unpack(f">{ndim}i", raw[4:4 + 4 * ndim])
     count = int(np.prod(dims))
+    if count == 0:
+        raise UserError(f"{path} holds no images ({dims})")
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != count:
         raise UserError(f"{path} holds {data.size} values, its header says {count} ({dims})")
@@ -283,9 +287,12 @@ def load_folder(folder: Path, resolution: int, channels: int | None = None) -> F
     """Class subfolders (sorted names -> labels 0..C-1) or a flat folder (labels -1). Bad files are skipped."""
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     class_files = {d.name: _image_files(d, recursive=True) for d in subdirs}
-    class_files = {k: v for k, v in class_files.items() if v}
-    if class_files:
+    if any(class_files.values()):
+        # every subfolder is a class, empty or not, so a class keeps its label in every split of a data set
         class_names = sorted(class_files)
+        empty = [name for name in class_names if not class_files[name]]
+        if empty:
+            log.warning("%s: no images in class folder(s) %s", folder, ", ".join(empty))
         loose = _image_files(folder, recursive=False)
         if loose:
             log.warning("%s: ignoring %d images outside the class subfolders", folder, len(loose))

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from bitdance.utils import UserError, fp32_island
+from bitdance.utils import UserError, fp32_island, random_on
 
 NetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (n, ..., k), t (n,)) -> x_hat (n, ..., k)
 
@@ -195,7 +195,7 @@ class RectifiedFlow:
             return x + v * dt
         score = (t * v - x) / (1.0 - t)
         drift = v + (1.0 - t) * score
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        eps = random_on("normal", x.shape, generator, x.device)
         return x + drift * dt + (2.0 * (1.0 - t) * dt) ** 0.5 * eps
 
     @torch.no_grad()
@@ -225,8 +225,7 @@ class RectifiedFlow:
         ts, dts = self.timestep_grid(num_steps)  # CPU 0-dim scalars mix with tensors on any device
         with fp32_island(torch.device(dev).type):
             if noise is None:
-                x = torch.randn(tuple(shape), generator=generator, device=dev, dtype=torch.float32)
-                # x: (b, ..., k)
+                x = random_on("normal", shape, generator, dev)  # (b, ..., k)
             else:
                 x = noise.float().clone()
             rows = x.shape[0] * (1 if cfg_scale is None else 2)

@@ -170,10 +170,11 @@ class BitDancePipeline:
         for lab in labels:
             if torch.is_tensor(lab):
                 lab = int(lab)
-            if isinstance(lab, str) and not lab.lstrip("-").isdigit():
-                if lab.lower() not in lookup:
+            if isinstance(lab, str):  # a name first: class folders may be named "1", "10", "2"
+                if lab.lower() in lookup:
+                    lab = lookup[lab.lower()]
+                elif not lab.lstrip("-").isdigit():
                     raise UserError(f"unknown class {lab!r}; classes: {', '.join(self.class_names)}")
-                lab = lookup[lab.lower()]
             lab = int(lab)
             if not 0 <= lab < self.num_classes:
                 raise UserError(f"class label {lab} is out of range 0..{self.num_classes - 1}")

@@ -44,6 +44,9 @@ def generate(
     cfg_schedule = check_cfg_schedule(c.cfg_schedule if cfg_schedule is None else cfg_schedule)
     if cfg_scale < 1.0:
         raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
+    if cfg_scale > 1.0 and c.class_dropout == 0:
+        raise UserError(f"cfg scale {cfg_scale:g} needs a model trained with class dropout: this one never saw its "
+                        "null class, so there is nothing to guide away from (use cfg 1)")
     if num_steps < 1:
         raise UserError(f"the number of head sampling steps must be >= 1, got {num_steps}")
 

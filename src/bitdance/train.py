@@ -233,7 +233,13 @@ def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes:
             if field in model_args:
                 raise UserError(f"{field} is given twice: by its own flag and by --model-arg")
             overrides[field] = value
-    return BITDANCE_PRESETS[cfg.preset](parallel=cfg.parallel, head=cfg.head, **overrides)
+    config = BITDANCE_PRESETS[cfg.preset](parallel=cfg.parallel, head=cfg.head, **overrides)
+    if config.class_dropout == 0 and config.cfg_scale > 1:
+        if cfg.cfg_scale is not None or "cfg_scale" in model_args:
+            raise UserError(f"--cfg {config.cfg_scale:g} needs class dropout > 0: without it the null class that "
+                            "guidance steers away from is never trained")
+        config = replace(config, cfg_scale=1.0)  # the preset's guidance default cannot apply
+    return config
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -63,6 +63,16 @@ def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def random_on(kind: str, shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """torch.randn ("normal") or torch.rand ("uniform") drawn where `generator` lives, then moved to `device`.
+
+    So a CPU generator can drive a CUDA model (as in diffusers) and a seed gives the same numbers on any device.
+    """
+    draw = {"normal": torch.randn, "uniform": torch.rand}[kind]
+    source = generator.device if generator is not None else device
+    return draw(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
+
+
 def fp32_island(device_type: str = "cpu"):
     """Disable autocast: quantizers, entropy losses and the diffusion head run in fp32."""
     return torch.autocast(device_type=device_type, enabled=False)

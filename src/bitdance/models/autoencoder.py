@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from bitdance.models.quantizer import QuantizerConfig, QuantizerOutput, build_quantizer
-from bitdance.utils import PretrainedMixin, UserError
+from bitdance.utils import PretrainedMixin, UserError, random_on
 
 # ----------------------------------------------------------------------------------------------
 # Config and presets
@@ -249,8 +249,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         style = z  # (b, k, h, w): its global statistics modulate every level
         if self.gan:
-            gen_device = generator.device if generator is not None else z.device
-            noise = torch.randn(z.shape, generator=generator, device=gen_device, dtype=z.dtype).to(z.device)
+            noise = random_on("normal", z.shape, generator, z.device, z.dtype)
             z = torch.cat([z, noise], dim=1)  # (b, 2k, h, w): latent first, then noise
         x = self.conv_in(z)  # (b, C_top, h, w)
         for block in self.mid_block:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdance.models.diffusion_head import HeadConfig, check_head_inputs, validate_head_config
-from bitdance.utils import fp32_island
+from bitdance.utils import fp32_island, random_on
 
 
 class BitwiseHead(nn.Module):
@@ -84,5 +84,5 @@ class BitwiseHead(nn.Module):
             if temp <= 0:
                 return torch.where(diff > 0, 1.0, -1.0)
             p_one = torch.sigmoid(diff / temp)  # softmax over 2 classes at this temperature
-            u = torch.rand(p_one.shape, generator=generator, device=cond.device, dtype=torch.float32)
+            u = random_on("uniform", p_one.shape, generator, cond.device)
             return torch.where(u < p_one, 1.0, -1.0)

@@ -67,7 +67,7 @@ def validate_head_config(c: HeadConfig) -> None:
     """Raise UserError on a config the networks cannot be built from."""
     if min(c.token_bits, c.cond_dim, c.width, c.depth, c.num_adaln, c.parallel, c.diff_batch_mul) < 1:
         raise UserError(f"head config sizes must all be >= 1: {c}")
-    if c.depth % max(1, c.depth // c.num_adaln) != 0:
+    if c.depth % c.num_adaln:
         raise UserError(f"head depth {c.depth} must be divisible by num_adaln {c.num_adaln}")
     if c.parallel > 1 and c.width % c.attn_head_dim != 0:
         raise UserError(f"head width {c.width} must be divisible by attn_head_dim {c.attn_head_dim}")
