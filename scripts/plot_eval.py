@@ -5,7 +5,7 @@ Reads the rows that `scripts/eval_generator.py` writes (one or more results.json
 guidance setting against the head (flow) steps; repeated settings (other seeds) show as separate points, so the
 seed spread is visible. Rows whose images/s was not measured cleanly (null) are left out of that panel only.
 
-    python scripts/plot_eval.py docs/data/builtin_eval.json --title "built-in model, CPU" \
+    python scripts/plot_eval.py docs/data/builtin_v4_eval.json --title "built-in model, CPU" \
         --out docs/images/builtin_tradeoff.png
 """
 
