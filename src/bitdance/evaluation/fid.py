@@ -439,9 +439,10 @@ def evaluate_samples(samples, labels, data_path, split: str = "test", extractor:
     result["evaluator"] = {"extractor": extractor_id(extractor), "source": getattr(extractor, "source", None),
                            "library": "torchmetrics.image.fid.FrechetInceptionDistance",
                            "preprocess": getattr(extractor, "preprocess", None)}
-    labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-    if labels is not None and (labels >= 0).any():  # -1 marks an unlabelled image
-        counts = np.bincount(labels[labels >= 0], minlength=1)
+    known = np.zeros(0, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    known = known[known >= 0]  # -1 marks an unlabelled image
+    if known.size:
+        counts = np.bincount(known)
         result["class_counts"] = {"classes": int((counts > 0).sum()), "min": int(counts[counts > 0].min()),
                                   "max": int(counts.max())}
     if n < 50_000:
