@@ -101,15 +101,18 @@ def test_resume_prefers_the_out_folders_own_checkpoint(tmp_path):
         find_resume_checkpoint(tmp_path / "missing", out)
 
 
-def test_atomic_writes_get_plain_file_permissions(tmp_path):
-    """mkstemp creates 0600 files; a saved model or image must be readable like any file the user writes."""
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_get_plain_file_permissions(tmp_path, umask, mode):
+    """mkstemp creates 0600 files; a saved model or image must get what the user's umask gives any new file."""
+    old = os.umask(umask)
     try:
         with atomic_path(tmp_path / "f.txt") as tmp:
             tmp.write_text("x")
+        assert os.umask(umask) == umask  # atomic_path left the umask alone
     finally:
         os.umask(old)
-    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
 
 
 def test_unreadable_weight_files_give_one_clear_error(tmp_path):

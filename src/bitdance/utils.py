@@ -12,8 +12,8 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,17 +93,16 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
 
     The temp file is flushed to disk before the rename, so a power loss leaves the old file or the new one, never
-    an empty one; it gets the permissions of a plainly created file (mkstemp's are 0600, whatever the umask).
+    an empty one. It is created with os.open(0o666) rather than mkstemp (always 0600), so the kernel applies the
+    umask and the result has the permissions of a plainly created file, with no umask read-and-restore that
+    another thread could see.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
