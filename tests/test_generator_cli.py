@@ -105,6 +105,32 @@ def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_device_and_output_errors_are_one_line(trained, tmp_path, capsys):
+    """A device this machine lacks, or an output path that cannot be written: one line and exit 2, no traceback."""
+    out, _, _ = trained
+    (tmp_path / "file").write_text("")
+    cases = [(["sample", "--model", str(out), "--device", "foo", "--out", str(tmp_path / "x.png")], "unknown device"),
+             (["sample", "--model", str(out), "--num-images", "1", "--steps", "1", "--no-progress",
+               "--out", str(tmp_path / "file" / "x.png")], "file")]
+    if not torch.cuda.is_available():
+        cases.append((["sample", "--model", str(out), "--device", "cuda", "--out", str(tmp_path / "x.png")],
+                      "CUDA is not available"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bitdance: error:") and message in err and "\n" not in err, (argv, err)
+
+
+def test_help_shows_only_meaningful_defaults(capsys):
+    """'(default: True)' on --no-progress reads as the opposite of what it does; None defaults say nothing."""
+    for argv in (["train", "--help"], ["tokenizer", "train", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+        assert "(default: 0.001)" in text or "(default: 0.002)" in text  # real defaults still shown
+
+
 def test_train_errors(trained, tmp_path, capsys):
     _, tok, data = trained
     base = ["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "r"), "--no-progress"]
@@ -112,9 +138,12 @@ def test_train_errors(trained, tmp_path, capsys):
         ([*base, "--tokenizer", str(tmp_path / "nope"), "--data", str(data)], "tokenizer folder not found"),
         ([*base, "--tokenizer", str(tok), "--data", str(tmp_path / "nope")], "data path not found"),
         ([*base, "--tokenizer", str(data), "--data", str(data)], "holds no saved tokenizer"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "cfg_scale must be >= 1"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--sample-steps", "0"], "num_sampling_steps"),
     ]:
         assert main(argv) == 2
         assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "model").exists()
     with pytest.raises(SystemExit) as e:  # argparse: an unknown head
         main([*base, "--tokenizer", str(tok), "--data", str(data), "--head", "mlp"])
     assert e.value.code == 2

@@ -216,6 +216,10 @@ def test_config_errors():
         T.tiny(bogus=1)
     with pytest.raises(UserError):
         make().head_conditions(torch.ones(1, 3, 8), torch.tensor([0]))
+    with pytest.raises(UserError, match="cfg_scale"):  # saved sampling defaults that no sampler accepts
+        T.tiny(cfg_scale=0.5)
+    with pytest.raises(UserError, match="num_sampling_steps"):
+        T.tiny(num_sampling_steps=0)
 
 
 # -- official layout and parameter counts -------------------------------------------------------

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"bitdance: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an output folder that cannot be written, a parent that is a file, a full disk
+        print(f"bitdance: error: {e}", file=sys.stderr)
+        return 2
     except FloatingPointError as e:
         print(f"bitdance: stopped: {e}", file=sys.stderr)
         return 3

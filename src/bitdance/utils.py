@@ -39,9 +39,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    """`name` if given, else cuda, then mps, then cpu."""
+    """`name` if given, else cuda, then mps, then cpu. A device this machine lacks is a UserError, not a traceback."""
     if name:
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise UserError(f"unknown device {name!r} ({first_line(e)})") from None
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise UserError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -10,16 +10,17 @@ Progress bars and logs go to stderr; stdout carries the result (the path written
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from bitdance.commands.options import (
     DEVICE_HELP,
     DTYPES,
+    DefaultsHelpFormatter,
     add_optimisation_flags,
     add_run_flags,
     config_from_args,
     key_value,
+    print_from_main_rank,
 )
 from bitdance.utils import UserError
 
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
 
     d = TrainConfig()
     t = subparsers.add_parser("train", help="train a BitDance generator on a tokenizer's cached codes",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     g = t.add_argument_group("data and model")
     g.add_argument("--tokenizer", required=True, help="trained tokenizer folder (e.g. the model/ folder of "
                    "`bitdance tokenizer train`, or a pipeline folder)")
@@ -57,7 +58,8 @@ def register(subparsers) -> None:
                    "a larger --steps; default 0 re-stretches the whole cosine)")
     g = t.add_argument_group("sampling defaults saved with the model")
     g.add_argument("--cfg", dest="cfg_scale", type=float, default=None, help="guidance scale (default: preset's)")
-    g.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES, help="guidance schedule")
+    g.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
+                   help="guidance schedule over the AR steps (default: preset's)")
     g.add_argument("--sample-steps", dest="sampling_steps", type=int, default=None,
                    help="head (flow) steps per AR step (default: preset's)")
     g = t.add_argument_group("run")
@@ -102,7 +104,7 @@ def run_train(args) -> int:
 
     if args.model_args is not None:
         args.model_args = dict(args.model_args)
-    print(run(config_from_args(TrainConfig, args)))
+    print_from_main_rank(run(config_from_args(TrainConfig, args)))
     return 0
 
 

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import fields
 
 from bitdance.utils import DTYPES as TORCH_DTYPES
 
 DTYPES = tuple(TORCH_DTYPES)  # the --dtype choices: the names resolve_dtype knows
 DEVICE_HELP = "cpu, cuda, mps (default: best available)"
+
+
+def print_from_main_rank(text) -> None:
+    """Print a command's result line once: under torchrun only rank 0 prints it (every rank runs the command)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' where X tells the reader something.
+
+    Not for None (the help says what happens instead), on/off flags (their stored default reads as the opposite:
+    '--no-progress (default: True)'), required options, or help that already names its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def add_optimisation_flags(group, defaults) -> None:

@@ -12,12 +12,17 @@ Progress bars and logs go to stderr; stdout carries the result (one JSON object 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from pathlib import Path
 
-from bitdance.commands.options import DEVICE_HELP, add_optimisation_flags, add_run_flags, config_from_args
+from bitdance.commands.options import (
+    DEVICE_HELP,
+    DefaultsHelpFormatter,
+    add_optimisation_flags,
+    add_run_flags,
+    config_from_args,
+    print_from_main_rank,
+)
 from bitdance.utils import UserError
 
 MODEL_HELP = "tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)"
@@ -33,7 +38,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
     t = sub.add_parser("train", help="train a tokenizer (L1 + entropy + commitment [+ LPIPS] [+ GAN])",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     g = t.add_argument_group("data and model")
     g.add_argument("--data", required=True, help="image folder (class subfolders or flat) or a folder with the "
                    "Fashion-MNIST IDX .gz files; unreadable images are reported and skipped")
@@ -111,9 +116,7 @@ def register(subparsers) -> None:
 def run_train(args) -> int:
     from bitdance.train_tokenizer import TokenizerTrainConfig, run
 
-    path = run(config_from_args(TokenizerTrainConfig, args))
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 only
-        print(path)
+    print_from_main_rank(run(config_from_args(TokenizerTrainConfig, args)))
     return 0
 
 

@@ -90,6 +90,11 @@ class BitDanceConfig:
         check_cfg_schedule(self.cfg_schedule)
         if self.class_tokens < 1:
             raise UserError("class_tokens must be >= 1")
+        # the sampling defaults saved with the model: caught here, not at the first `bitdance sample` after training
+        if self.cfg_scale < 1:
+            raise UserError(f"cfg_scale must be >= 1 (1 turns guidance off), got {self.cfg_scale}")
+        if self.num_sampling_steps < 1:
+            raise UserError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
 
     @property
     def head_dim(self) -> int:
