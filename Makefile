@@ -10,7 +10,8 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 
 setup: $(VENV)/.installed
 
-# torch is pinned exactly here: a loose range makes pip pick a multi-GB CUDA build on CPU machines.
+# torch is pinned exactly here, to the version the CPU wheels of our machines' pip configuration (find-links) offer;
+# a loose range lets pip prefer a newer multi-GB CUDA build from an index.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0

@@ -5,7 +5,7 @@ does not depend on the weights). For each batch size and parallel we time
 `sampling.generate` (tokens only; decoding is the same for every setting and is timed once), split the time into
 head vs backbone, count FLOPs per image, and check that the cache-free path gives the same tokens.
 
-    python scripts/bench_sampling.py                       # ~3-5 minutes on a 2-core CPU
+    python scripts/bench_sampling.py                       # ~90 s on a 2-core CPU
     python scripts/bench_sampling.py --batch-sizes 1 16 32 --head-steps 50 --threads 2 --out runs/bench_sampling
     python scripts/bench_sampling.py --device cuda --batch-sizes 1 500 --out runs/bench_sampling_gpu
     python scripts/bench_sampling.py --head bitwise --parallel 4 --out runs/bench_sampling_bitwise

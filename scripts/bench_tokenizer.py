@@ -89,12 +89,17 @@ def training_summary(run_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    from bitdance.utils import write_json
+
     args = parse_args(argv)
     if args.threads is None:
         args.threads = 1 if not args.sequential else None
     out = Path(args.out)
     results_path = out / "results.json"
     results = {"target_psnr_db": TARGET_PSNR, "settings": vars(args), "runs": {}}
+    if results_path.is_file():  # keep the other quantizers' rows (section 1 runs binary, then vq, into one folder)
+        kept = json.loads(results_path.read_text()).get("runs", {})
+        results["runs"] = {q: r for q, r in kept.items() if q not in args.quantizers}
     prefix = f"OMP_NUM_THREADS={args.threads} " if args.threads else ""
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     cmds = {q: (train_command(args, q, out / q), eval_command(args, out / q)) for q in args.quantizers}
@@ -131,8 +136,8 @@ def main(argv=None) -> int:
         metrics = json.loads(proc.stdout.strip().splitlines()[-1])
         results["runs"][q] = {"train_command": prefix + shlex.join(tcmd), "eval_command": prefix + shlex.join(ecmd),
                               "train_wall_s": round(walls[q], 1), "eval_wall_s": round(eval_wall, 1),
-                              **training_summary(out / q), **metrics}
-        results_path.write_text(json.dumps(results, indent=2) + "\n")  # after each eval: partial results survive
+                              "settings": vars(args), **training_summary(out / q), **metrics}
+        write_json(results, results_path)  # after each eval: partial results survive
 
     print("\n| tokens | bits/token | steps | train min | train wall | test PSNR (dB) | SSIM | bit usage "
           "| perplexity / group |")

@@ -9,8 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BITDANCE=${BITDANCE:-.venv/bin/bitdance}
+PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
 OUT=${OUT:-runs/builtin}
+if [ -n "${TOKENIZER:-}" ] && [ ! -f "$TOKENIZER/config.json" ]; then
+  echo "TOKENIZER=$TOKENIZER holds no trained tokenizer (config.json); leave TOKENIZER unset to train one" >&2
+  exit 2
+fi
 TOKENIZER=${TOKENIZER:-$OUT/tokenizer/model}   # point at an existing tokenizer to skip step 1
 PARALLEL=${PARALLEL:-4}
 
@@ -49,7 +54,7 @@ OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$TOKENIZ
 #    (16 MB instead of 33 MB; loads back as fp32).
 if [ "${INSTALL:-1}" = 1 ]; then
   rm -rf src/bitdance/builtin
-  .venv/bin/python -c "import sys, torch
+  $PYTHON -c "import sys, torch
 from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.pipeline import BitDancePipeline
 pipe = BitDancePipeline.from_pretrained(sys.argv[1])

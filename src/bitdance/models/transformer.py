@@ -482,7 +482,8 @@ def tiny(parallel: int = 1, head: str = "diffusion", **overrides) -> BitDanceCon
 
 
 def fmnist(parallel: int = 1, head: str = "diffusion", **overrides) -> BitDanceConfig:
-    """32x32 Fashion-MNIST -> 8x8 tokens of 32 bits, 10 classes; trains on a 2-core CPU in ~20-30 minutes.
+    """32x32 Fashion-MNIST -> 8x8 tokens of 32 bits, 10 classes: 7.7 M parameters at 4x; ~20-29 images/s of
+    training on a 2-core CPU (3,000 steps at batch 32 in about an hour).
 
     diff_batch_mul 2 (official 4): at this size the head costs as much as the backbone per repeat."""
     base = dict(dim=256, n_layers=6, n_heads=4, num_classes=10, class_tokens=4, token_bits=32, grid_size=(8, 8),
