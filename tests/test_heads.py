@@ -207,18 +207,20 @@ def test_adaln_groups_must_divide_the_depth(depth, num_adaln):
         DiffusionHead(HeadConfig(token_bits=8, cond_dim=16, width=16, depth=depth, num_adaln=num_adaln))
 
 
-def test_loss_in_fp32_under_bf16_autocast():
+def test_head_under_bf16_autocast_runs_its_net_in_bf16():
+    """The official head runs its net in the caller's autocast (bf16 on GPUs) and the loss and samples in fp32."""
     head = DiffusionHead(tiny(4))
     head.net.final_layer.linear.weight.data.normal_()  # make the prediction depend on the input
+    seen = []
+    head.net.res_blocks[0].w1.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
     cond, target = torch.randn(3, 4, 64), torch.randn(3, 4, 16).sign()
     ref = head.loss(cond, target, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = head.loss(cond.bfloat16(), target, generator=torch.Generator().manual_seed(0))
-    assert got.dtype == torch.float32
-    assert torch.allclose(got, ref, rtol=1e-2)  # only the bf16 rounding of cond differs
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        same = head.loss(cond, target, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(same, ref)
+        bits = head.sample(torch.randn(2, 4, 64), num_steps=3, cfg_scale=1.5, generator=torch.Generator())
+    assert got.dtype == torch.float32 and torch.allclose(got, ref, rtol=0.05)
+    assert seen[0] == torch.float32 and set(seen[1:]) == {torch.bfloat16}
+    assert bits.dtype == torch.float32 and bits.abs().eq(1).all()
 
 
 def _record_net_inputs(net, seen):

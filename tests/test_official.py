@@ -226,6 +226,13 @@ def test_mismatched_shapes_are_refused_with_one_line(tmp_path, capsys):
     src, *_ = write_official(tmp_path, 4, shapes=bad)
     code, _, err = run_cli(["convert-official", src, tmp_path / "o", "--any-size"], capsys)
     assert code == 2 and "head layout" in err
+    # a class embedding that is not C x width, and a position table that is not a square grid: each says which
+    for name, shape, message in [("cls_embedding.weight", (CLASSES + 1, C * D + 1), "cls_embedding width"),
+                                 ("pos_for_diff.weight", (GRID * GRID - 1, D), "not a square token grid")]:
+        src, *_ = write_official(tmp_path, 4, shapes=tiny_shapes(4) | {name: shape})
+        code, _, err = run_cli(["convert-official", src, tmp_path / "o", "--any-size"], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1
+        assert ("square" in err) == (name == "pos_for_diff.weight")
     # training flags that contradict the weights
     src, *_ = write_official(tmp_path, 4, args=argparse.Namespace(parallel_num=16))
     code, _, err = run_cli(["convert-official", src, tmp_path / "o", "--any-size"], capsys)

@@ -8,7 +8,10 @@ Velocity from an x-prediction: v = (x_hat - z) / max(1 - t, 0.05); the clamp kee
 
 Sampler (ref §4.3, §8): Euler-Maruyama on an fp32 grid from t = 0 to 0.95 in N equal steps (t accumulated
 with `t += dt` in fp32, as the official loop does), then one deterministic Euler step of 0.05, then sign.
-Everything runs in fp32 with autocast disabled; all noise comes from the caller's generator.
+Precision as in the official head: the network runs under the caller's autocast (bf16 on a GPU with
+--dtype bfloat16), while t, the noise, the interpolant, the loss and every sampler update are fp32 (the flow's
+own arithmetic is element-wise on fp32 tensors, which autocast leaves alone). All noise comes from the caller's
+generator.
 
 Letters: b batch, p tokens per patch, k bits per token.
 """
@@ -38,9 +41,11 @@ class FlowConfig:
 
 
 def time_shift_sana(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """t' = (1/s) / ((1/s) + (1/t - 1)); s > 1 moves t toward the noise end. t = 0 stays 0 (1/0 = inf)."""
-    if shift == 1.0:
-        return t
+    """t' = (1/s) / ((1/s) + (1/t - 1)); s > 1 moves t toward the noise end. t = 0 stays 0 (1/0 = inf).
+
+    Always evaluated, also for s = 1 where it is the identity up to the last bit of fp32: the official sampler
+    shifts its grid unconditionally, so ours does too and the grids agree bit for bit.
+    """
     inv = 1.0 / shift
     return inv / (inv + (1.0 / t - 1.0))
 
@@ -81,7 +86,7 @@ class RectifiedFlow:
             t = (torch.randn(n, generator=generator, device=device) * c.P_std + c.P_mean).sigmoid()
         else:
             t = torch.rand(n, generator=generator, device=device)
-        return time_shift_sana(t, c.time_shift)
+        return t if c.time_shift == 1.0 else time_shift_sana(t, c.time_shift)  # official: shifted only if s != 1
 
     @staticmethod
     def interpolate(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -105,20 +110,19 @@ class RectifiedFlow:
 
         reduction "mean": scalar; "none": mean over the last (bit) axis only, shape x.shape[:-1].
         """
-        with fp32_island(x.device.type):
-            x = x.float()
-            with torch.no_grad():
-                t = self.sample_t(x.shape[0], x.device, generator)  # (n,)
-                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-                z = self.interpolate(x, eps, t)  # (n, ..., k)
-                v = self.velocity(x, z, t)
-            v_hat = self.velocity(net_fn(z, t).float(), z, t)
-            err = (v - v_hat) ** 2
-            if reduction == "mean":
-                return err.mean()
-            if reduction == "none":
-                return err.mean(dim=-1)
-            raise ValueError(f"unknown reduction {reduction!r}")
+        x = x.float()
+        with torch.no_grad(), fp32_island(x.device.type):
+            t = self.sample_t(x.shape[0], x.device, generator)  # (n,)
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            z = self.interpolate(x, eps, t)  # (n, ..., k)
+            v = self.velocity(x, z, t)
+        v_hat = self.velocity(net_fn(z, t).float(), z, t)  # the net under the caller's autocast, v_hat in fp32
+        err = (v - v_hat) ** 2
+        if reduction == "mean":
+            return err.mean()
+        if reduction == "none":
+            return err.mean(dim=-1)
+        raise ValueError(f"unknown reduction {reduction!r}")
 
     # ------------------------------------------------------------------------------------------
     # Sampling
@@ -177,23 +181,23 @@ class RectifiedFlow:
     ) -> torch.Tensor:
         """One update of x with an (already guided) velocity at step `index` of `set_timesteps`.
 
-        index < N: Euler-Maruyama, score = (t v - x) / (1 - t) (sigma^2 = 1 - t), drift = v + (1 - t) score,
+        index < N: Euler-Maruyama, score = (t v - x) / var with var = (1 - t)^2 + t (1 - t) (= 1 - t, written as
+        the official code does so the fp32 rounding agrees), drift = v + (1 - t) score,
         x += drift dt + sqrt(2 (1 - t) dt) N(0, I). index == N: x += v dt (deterministic).
         """
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(num_steps) before step()")
-        with fp32_island(sample.device.type):
-            t = self.timesteps[index].to(sample.device)
-            dt = self.step_sizes[index].to(sample.device)
-            final = index == self.num_inference_steps
-            return self._update(sample.float(), velocity.float(), t, dt, final, generator)
+        t = self.timesteps[index].to(sample.device)
+        dt = self.step_sizes[index].to(sample.device)
+        final = index == self.num_inference_steps
+        return self._update(sample.float(), velocity.float(), t, dt, final, generator)
 
     @staticmethod
     def _update(x, v, t, dt, final: bool, generator):
         """The official fp32 update; t and dt are 0-dim fp32 tensors."""
         if final:
             return x + v * dt
-        score = (t * v - x) / (1.0 - t)
+        score = (t * v - x) / ((1.0 - t) ** 2 + t * (1.0 - t))  # sigma^2 + t sigma, in the official order
         drift = v + (1.0 - t) * score
         eps = random_on("normal", x.shape, generator, x.device)
         return x + drift * dt + (2.0 * (1.0 - t) * dt) ** 0.5 * eps
@@ -223,19 +227,18 @@ class RectifiedFlow:
         else:
             dev = noise.device
         ts, dts = self.timestep_grid(num_steps)  # CPU 0-dim scalars mix with tensors on any device
-        with fp32_island(torch.device(dev).type):
-            if noise is None:
-                x = random_on("normal", shape, generator, dev)  # (b, ..., k)
-            else:
-                x = noise.float().clone()
-            rows = x.shape[0] * (1 if cfg_scale is None else 2)
-            t_batch = torch.empty(rows, dtype=torch.float32, device=dev)  # (rows,)
-            for i in range(num_steps + 1):
-                t, dt = ts[i], dts[i]
-                t_batch.fill_(float(t))  # exact: an fp32 value round-trips through a Python float
-                xin = x if cfg_scale is None else torch.cat([x, x], dim=0)  # (rows, ..., k)
-                v = self.guide(self.velocity(net_fn(xin, t_batch).float(), xin, t_batch), cfg_scale)
-                x = self._update(x, v, t, dt, i == num_steps, generator)
+        if noise is None:
+            x = random_on("normal", shape, generator, dev)  # (b, ..., k) fp32
+        else:
+            x = noise.float().clone()
+        rows = x.shape[0] * (1 if cfg_scale is None else 2)
+        t_batch = torch.empty(rows, dtype=torch.float32, device=dev)  # (rows,)
+        for i in range(num_steps + 1):
+            t, dt = ts[i], dts[i]
+            t_batch.fill_(float(t))  # exact: an fp32 value round-trips through a Python float
+            xin = x if cfg_scale is None else torch.cat([x, x], dim=0)  # (rows, ..., k)
+            v = self.guide(self.velocity(net_fn(xin, t_batch).float(), xin, t_batch), cfg_scale)  # fp32
+            x = self._update(x, v, t, dt, i == num_steps, generator)
         return to_bits(x) if binarize else x
 
 

@@ -207,9 +207,10 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
     if patch_head != (parallel > 1):
         layout = "patch attention" if patch_head else "per-token MLP"
         raise UserError(f"{source}: the head layout ({layout}) does not match query_token (parallel {parallel})")
-    if side * side != rows or cls.shape[1] % dim:
-        raise UserError(f"{source}: pos_for_diff has {rows} rows (not a square grid) or cls_embedding width "
-                        f"{cls.shape[1]} is not a multiple of {dim}")
+    if side * side != rows:
+        raise UserError(f"{source}: pos_for_diff has {rows} rows, not a square token grid")
+    if cls.shape[1] % dim:
+        raise UserError(f"{source}: cls_embedding width {cls.shape[1]} is not a multiple of the model width {dim}")
     if args.get("parallel_num") not in (None, parallel) and parallel > 1:
         raise UserError(f"{source}: args.parallel_num={args['parallel_num']} but query_token implies {parallel}")
     if parallel > 1 and args.get("parallel_mode", "patch") != "patch":

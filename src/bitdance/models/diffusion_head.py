@@ -11,8 +11,10 @@ Orders checked against the official source (`imagenet_gen/src/diff_head*.py`,
 final layer (scale, shift) with no SiLU on its input beyond y = SiLU(t_emb + c_emb); SwiGLU gates the
 first half of w1 (silu(a) * b); the adaLN linear k serves blocks [k f, (k + 1) f) with f = depth // num_adaln.
 
-The head runs in fp32 with autocast off (utils.fp32_island). Letters: b batch, p tokens per patch,
-k bits per token, d condition width, D head width.
+Precision follows the official head: the network runs under the caller's autocast (bf16 on a GPU with
+--dtype bfloat16; fp32 by default), the flow's noise, loss and sampler updates in fp32 (flow.py).
+
+Letters: b batch, p tokens per patch, k bits per token, d condition width, D head width.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from bitdance.flow import FlowConfig, RectifiedFlow
-from bitdance.utils import UserError, fp32_island
+from bitdance.utils import UserError
 
 
 @dataclass
@@ -286,7 +288,8 @@ class DiffusionHead(nn.Module):
 
     def forward_net(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
                     c_emb: torch.Tensor | None = None, t_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """x_hat (n, p, k) for z (n, p, k), t (n,), cond (n, p, d); fp32 in and out.
+        """x_hat (n, p, k) for z (n, p, k), t (n,), cond (n, p, d); fp32 in and out (the net itself runs in the
+        caller's autocast dtype).
 
         The 1x net sees every token as its own row (t repeated over p), the patch net whole patches.
         c_emb (from `embed_cond`) and t_emb (broadcastable over rows) may be passed precomputed.
@@ -320,17 +323,16 @@ class DiffusionHead(nn.Module):
         check_head_inputs(self.config, cond, target)
         b, p, _ = cond.shape
         m = self.config.diff_batch_mul
-        with fp32_island(cond.device.type):
-            cond_r = cond.float().repeat(m, 1, 1)  # (m b, p, d), tiled like the official .repeat
-            x = target.float().repeat(m, 1, 1)  # (m b, p, k)
-            if self.config.parallel == 1:
-                # per-token t: every token becomes a row of its own
-                cond_r, x = cond_r.reshape(m * b * p, 1, -1), x.reshape(m * b * p, 1, -1)
-            fn = lambda z, t: self.forward_net(z, t, cond_r)  # noqa: E731
-            out = self.flow.loss(fn, x, generator, reduction=reduction)
-            if reduction == "none":
-                out = out.reshape(m, b, p).mean(0)  # (b, p)
-            return out
+        cond_r = cond.float().repeat(m, 1, 1)  # (m b, p, d), tiled like the official .repeat
+        x = target.float().repeat(m, 1, 1)  # (m b, p, k)
+        if self.config.parallel == 1:
+            # per-token t: every token becomes a row of its own
+            cond_r, x = cond_r.reshape(m * b * p, 1, -1), x.reshape(m * b * p, 1, -1)
+        fn = lambda z, t: self.forward_net(z, t, cond_r)  # noqa: E731
+        out = self.flow.loss(fn, x, generator, reduction=reduction)
+        if reduction == "none":
+            out = out.reshape(m, b, p).mean(0)  # (b, p)
+        return out
 
     @torch.no_grad()
     def sample(
@@ -347,12 +349,11 @@ class DiffusionHead(nn.Module):
         if cfg_scale is not None and m % 2:
             raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
         b = m if cfg_scale is None else m // 2
-        with fp32_island(cond.device.type):
-            # The condition is fixed for the whole flow and t is shared by all rows at each flow step: embed
-            # the condition once per call and t once per step, not per row and step.
-            c_emb = self.embed_cond(cond.float())
-            fn = lambda z, t: self.forward_net(z, t, None, c_emb, self.net.time_embed(t[:1]))  # noqa: E731
-            return self.flow.sample(
-                fn, shape=(b, p, self.config.token_bits), num_steps=num_steps, cfg_scale=cfg_scale,
-                generator=generator, device=cond.device, binarize=binarize,
-            )
+        # The condition is fixed for the whole flow and t is shared by all rows at each flow step: embed
+        # the condition once per call and t once per step, not per row and step.
+        c_emb = self.embed_cond(cond.float())
+        fn = lambda z, t: self.forward_net(z, t, None, c_emb, self.net.time_embed(t[:1]))  # noqa: E731
+        return self.flow.sample(
+            fn, shape=(b, p, self.config.token_bits), num_steps=num_steps, cfg_scale=cfg_scale,
+            generator=generator, device=cond.device, binarize=binarize,
+        )
