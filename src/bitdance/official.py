@@ -22,7 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitdance.utils import UserError, batch_seed, count_parameters, first_line, read_json, write_json
+from bitdance.utils import (
+    UserError,
+    batch_seed,
+    check_state_shapes,
+    count_parameters,
+    first_line,
+    read_json,
+    write_json,
+)
 
 # ----------------------------------------------------------------------------------------------
 # The released models and their official sampling settings (ref §3.1 table, §7.1)
@@ -259,13 +267,7 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
 
 def _check_shapes(model: torch.nn.Module, state: dict, source: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {v}"
-                 for k, v in expected.items() if k in state and tuple(state[k].shape) != v]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UserError(f"{source} does not match the inferred model: {'; '.join(problems[:3])}{more}")
+    check_state_shapes(expected, state, source, "the inferred model")
 
 
 def tokenizer_from_state(state: dict[str, torch.Tensor], source: str):

@@ -216,6 +216,29 @@ class PretrainedMixin:
         return model.to(device).eval()
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file on the CPU; a missing, truncated or foreign file is a UserError."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # header errors, truncated files: safetensors raises its own SafetensorError
+        raise UserError(f"cannot read safetensors file {path}: {type(e).__name__}: {first_line(e)}")
+
+
+def check_state_shapes(expected: dict[str, tuple[int, ...]], state: dict, source: str, what: str) -> None:
+    """UserError naming up to three missing / unexpected / mis-shaped keys of `state` against `expected`."""
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {v}"
+                 for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{source} does not match {what}: {'; '.join(problems[:3])}{more}")
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from bitdance.models.quantizer import QuantizerConfig, QuantizerOutput, build_quantizer
-from bitdance.utils import PretrainedMixin, UserError, random_on
+from bitdance.utils import PretrainedMixin, UserError, check_state_shapes, random_on
 
 # ----------------------------------------------------------------------------------------------
 # Config and presets
@@ -353,17 +353,7 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
 
         state, file_config, source = read_official_tokenizer(path)
         config = config or file_config or infer_config(state, source)
-        expected = official_key_shapes(config)
-        problems = [f"missing {k}" for k in expected if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [
-            f"{k} has shape {tuple(state[k].shape)}, expected {v}"
-            for k, v in expected.items()
-            if k in state and tuple(state[k].shape) != v
-        ]
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise UserError(f"{source} does not match the tokenizer config: {'; '.join(problems[:3])}{more}")
+        check_state_shapes(official_key_shapes(config), state, source, "the tokenizer config")
         # a binary tokenizer has no buffers: build it on meta and adopt the loaded tensors (no double memory)
         with torch.device("meta" if config.quantizer == "binary" else "cpu"):
             model = cls(config)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer, TokenizerConfig
-from bitdance.utils import UserError, atomic_path, load_checkpoint, read_json, write_json
+from bitdance.utils import UserError, atomic_path, load_checkpoint, read_json, read_safetensors, write_json
 
 OFFICIAL_CONFIG_NAME = "ae_config.json"
 OFFICIAL_WEIGHTS_NAME = "ae.safetensors"
@@ -170,15 +170,6 @@ def preset_name(config: TokenizerConfig) -> str | None:
     return None
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # header errors, truncated files
-        raise UserError(f"cannot read safetensors file {path}: {type(e).__name__}: {str(e)[:200]}")
-
-
 def _strip_official_prefixes(state: dict, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{source} does not hold a state dict of tensors")
@@ -237,7 +228,7 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
                 config_path = cand
                 break
     config = config_from_official(read_json(config_path), str(config_path)) if config_path else None
-    state = _strip_official_prefixes(_load_safetensors(weights_path), str(weights_path))
+    state = _strip_official_prefixes(read_safetensors(weights_path), str(weights_path))
     return state, config, str(weights_path)
 
 

@@ -1,0 +1,161 @@
+"""The vision components of the official text-to-image release, loaded into our modules (ref §3.2, §6.2).
+
+A BitDance-14B folder (`BitDance-14B-16x`, `-64x`) holds a stock Qwen3 checkpoint (the LLM: a transformers model,
+not ours) and three vision parts, each loaded here strictly from safetensors:
+
+- `ae_config.json` + `ae.safetensors`: the binary tokenizer (`ImageTokenizer.from_official`);
+- `vision_head_config.json` + `vision_head.safetensors`: the binary diffusion head (`net.*` keys, our
+  `DiffusionHead` with the T2I settings: 128-wide attention heads, output 2 sigmoid - 1);
+- `projector.safetensors`: the MLP that embeds a 32-bit token into the LLM width (`Projector`, keys `fc1.*`,
+  `fc2.*`).
+
+`sincos_positions` builds the fixed 2D sin-cos table the T2I pipeline adds to projected tokens and to the head's
+conditions (the T2I models have no learned `pos_for_diff`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitdance.models.autoencoder import ImageTokenizer
+from bitdance.models.diffusion_head import DiffusionHead, HeadConfig
+from bitdance.models.transformer import PARALLEL_CHOICES, patch_order
+from bitdance.utils import UserError, check_state_shapes, read_json, read_safetensors
+
+HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME = "vision_head_config.json", "vision_head.safetensors"
+PROJECTOR_WEIGHTS_NAME = "projector.safetensors"
+
+# vision_head_config.json key -> HeadConfig field (the official DiffHead keyword arguments)
+HEAD_CONFIG_KEYS = {"ch_target": "token_bits", "ch_cond": "cond_dim", "ch_latent": "width",
+                    "depth_latent": "depth", "depth_adanln": "num_adaln", "parallel_num": "parallel"}
+# the other DiffHead kwargs: checked (use_swiglu, time_schedule), kept for training, or ignored (grad_checkpointing)
+OTHER_KEYS = {"P_mean", "P_std", "time_shift", "diff_batch_mul", "time_schedule", "grad_checkpointing",
+                      "use_swiglu"}
+
+
+@dataclass
+class ProjectorConfig:
+    token_bits: int = 32  # k: bits per token
+    dim: int = 5120  # the LLM's hidden width (Qwen3-14B)
+
+
+class Projector(nn.Module):
+    """The official `MLPconnector`: Linear(k -> D), GELU (tanh approximation), Linear(D -> D)."""
+
+    def __init__(self, config: ProjectorConfig | None = None):
+        super().__init__()
+        self.config = config or ProjectorConfig()
+        self.fc1 = nn.Linear(self.config.token_bits, self.config.dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(self.config.dim, self.config.dim)
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        """bits (..., k) in ±1 -> (..., D) input embeddings for the LLM."""
+        return self.fc2(self.act(self.fc1(bits)))
+
+
+@dataclass
+class T2IVisionComponents:
+    tokenizer: ImageTokenizer
+    head: DiffusionHead
+    projector: Projector
+
+    @property
+    def parallel(self) -> int:
+        return self.head.config.parallel
+
+
+def head_config_from_official(kwargs: dict, source: str) -> HeadConfig:
+    """vision_head_config.json (the official DiffHead kwargs) -> our HeadConfig with the T2I head's settings."""
+    missing = [k for k in HEAD_CONFIG_KEYS if k not in kwargs]
+    if missing:
+        raise UserError(f"{source} lacks {', '.join(missing)}: not a BitDance vision_head_config.json")
+    if not kwargs.get("use_swiglu", True):
+        raise UserError(f"{source}: use_swiglu=false (a Linear-SiLU-Linear MLP) is not supported; every released "
+                        "T2I head uses SwiGLU")
+    if kwargs.get("time_schedule", "logit_normal") != "logit_normal":
+        raise UserError(f"{source}: time_schedule={kwargs['time_schedule']!r} is not supported (logit_normal only)")
+    unknown = sorted(set(kwargs) - set(HEAD_CONFIG_KEYS) - OTHER_KEYS)
+    if unknown:
+        raise UserError(f"{source}: unknown head settings {', '.join(unknown)}")
+    fields = {ours: int(kwargs[theirs]) for theirs, ours in HEAD_CONFIG_KEYS.items()}
+    if fields["parallel"] not in PARALLEL_CHOICES or fields["parallel"] == 1:
+        raise UserError(f"{source}: parallel_num={fields['parallel']}; the T2I head is a patch head (4, 16 or 64)")
+    return HeadConfig(**fields, attn_head_dim=128, bounded_output=True,
+                      P_mean=float(kwargs.get("P_mean", -0.8)), P_std=float(kwargs.get("P_std", 0.8)),
+                      time_shift=float(kwargs.get("time_shift", 1.0)),
+                      diff_batch_mul=int(kwargs.get("diff_batch_mul", 1)))
+
+
+def _load_strict(module: nn.Module, path: Path, what: str) -> nn.Module:
+    """Fill a module built on the meta device with the tensors of `path` (strict; nothing allocated twice)."""
+    state = read_safetensors(path)
+    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, str(path), what)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.float().eval()
+
+
+def load_t2i_head(folder: str | os.PathLike) -> DiffusionHead:
+    """`vision_head_config.json` + `vision_head.safetensors` -> DiffusionHead (fp32, eval)."""
+    folder = Path(folder)
+    config_path = folder / HEAD_CONFIG_NAME
+    if not config_path.is_file():
+        raise UserError(f"{folder} has no {HEAD_CONFIG_NAME}: not a BitDance T2I model folder")
+    config = head_config_from_official(read_json(config_path), str(config_path))
+    with torch.device("meta"):
+        head = DiffusionHead(config)
+    return _load_strict(head, folder / HEAD_WEIGHTS_NAME, f"the head of {HEAD_CONFIG_NAME}")
+
+
+def load_t2i_projector(folder: str | os.PathLike, token_bits: int = 32) -> Projector:
+    """`projector.safetensors` -> Projector; the LLM width is read from fc2's shape."""
+    path = Path(folder) / PROJECTOR_WEIGHTS_NAME
+    state = read_safetensors(path)
+    if "fc2.weight" not in state or state["fc2.weight"].ndim != 2:
+        raise UserError(f"{path} has no 2-D fc2.weight: not a BitDance projector")
+    with torch.device("meta"):
+        projector = Projector(ProjectorConfig(token_bits=token_bits, dim=int(state["fc2.weight"].shape[0])))
+    return _load_strict(projector, path, "a projector")
+
+
+def load_t2i_components(folder: str | os.PathLike, device: str | torch.device = "cpu") -> T2IVisionComponents:
+    """The tokenizer, diffusion head and projector of an official T2I folder; their sizes are checked together."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"T2I model folder not found: {folder}")
+    tokenizer = ImageTokenizer.from_official(folder)
+    head = load_t2i_head(folder)
+    projector = load_t2i_projector(folder, token_bits=head.config.token_bits)
+    bits = tokenizer.config.z_channels
+    if head.config.token_bits != bits:
+        raise UserError(f"{folder}: the head predicts {head.config.token_bits}-bit tokens, the tokenizer has {bits}")
+    if head.config.cond_dim != projector.config.dim:
+        raise UserError(f"{folder}: the head's condition width {head.config.cond_dim} is not the projector's "
+                        f"LLM width {projector.config.dim}")
+    return T2IVisionComponents(tokenizer.to(device), head.to(device), projector.to(device))
+
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(n,) positions -> (n, dim): dim/2 sines then dim/2 cosines, omega_i = 1 / 10000^(i / (dim/2))."""
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)  # (half,)
+    angles = positions.double()[:, None] * omega[None]  # (n, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+
+
+def sincos_positions(grid_h: int, grid_w: int, dim: int, parallel: int = 1) -> torch.Tensor:
+    """(grid_h * grid_w, dim) fixed 2D positions in patch order: [emb(column) | emb(row)], dim/2 each (ref §3.2).
+
+    The T2I pipeline adds row i of this table to the projected token i (in generation order) and to the head's
+    condition for target token i.
+    """
+    if dim % 4:
+        raise UserError(f"the sin-cos width must be divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (h, w) each
+    table = torch.cat([sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)], dim=-1)
+    return table[patch_order(grid_h, grid_w, parallel)]  # raster -> patch order
