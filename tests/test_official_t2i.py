@@ -102,3 +102,13 @@ def test_sincos_positions_are_column_then_row_in_patch_order():
     assert torch.allclose(sincos_1d(torch.tensor([0.0]), 8), torch.tensor([[0.0] * 4 + [1.0] * 4]))
     with pytest.raises(UserError):
         sincos_positions(2, 2, 6)
+
+
+@pytest.mark.parametrize("parallel", [16, 64])
+def test_the_release_config_gives_our_t2i_preset(parallel):
+    from bitdance.models.diffusion_head import HEAD_PRESETS
+    from bitdance.official_t2i import head_config_from_official
+
+    release = HEAD_KWARGS | {"ch_target": 32, "ch_cond": 5120, "ch_latent": 5120, "depth_latent": 6,
+                             "depth_adanln": 2, "parallel_num": parallel}  # ref §6.2
+    assert head_config_from_official(release, "x") == HEAD_PRESETS[f"t2i-14b-{parallel}x"]()
