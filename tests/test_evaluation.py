@@ -341,6 +341,11 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
     assert FakePipeline.schedules == ["constant"] * 3  # the sampling flags reach the pipeline
     _, labels = load_npz(tmp_path / "gen.npz")
     assert list(labels) == [0, 1, 2, 0, 1, 2, 0]
+    calls = len(FakePipeline.calls)
+    assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7",
+                 "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.png")]) == 2
+    assert "--save-samples must end in .npz" in capsys.readouterr().err
+    assert len(FakePipeline.calls) == calls  # refused before sampling anything
 
 
 def test_classifier_reports_no_test_accuracy_without_a_held_out_split(tmp_path):

@@ -99,6 +99,9 @@ def test_error_paths_give_one_line(trained, folder, tmp_path, capsys):
     line = _error_line(capsys, ["tokenizer", "train", "--data", str(tmp_path / "empty"), "--preset", "tiny",
                                 "--steps", "1", "--out", str(tmp_path / "r")])
     assert "no images" in line
+    line = _error_line(capsys, ["tokenizer", "train", "--data", str(folder), "--preset", "tiny", "--steps", "1",
+                                "--disc-weight", "0.1", "--disc-lr", "0", "--out", str(tmp_path / "r")])
+    assert "--disc-lr must be > 0" in line  # 0 used to fall back to --lr without a word
 
 
 def test_help_explains_every_flag(capsys):

@@ -176,6 +176,8 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                        {"--sample-every": cfg.sample_every, "--eval-every": cfg.eval_every})
     if min(cfg.disc_start, cfg.disc_warmup) < 0:
         raise UserError("--disc-start and --disc-warmup must be at least 0")
+    if cfg.disc_lr is not None and cfg.disc_lr <= 0:  # 0 would silently fall back to --lr
+        raise UserError(f"--disc-lr must be > 0 (leave it out to use --lr), got {cfg.disc_lr}")
     if cfg.lpips_weight > 0 and not cfg.lpips_weights:
         raise UserError("--lpips-weight > 0 needs --lpips-weights PATH (a local file; nothing is downloaded)")
     resolve_dtype(cfg.dtype)
@@ -209,12 +211,13 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
     disc = disc_opt = lecam = None
+    disc_lr = cfg.lr if cfg.disc_lr is None else cfg.disc_lr  # peak; follows the generator's schedule
     if cfg.disc_weight > 0:
         # 3 layers (WeTok) for >= 32 px; fewer for smaller images so that the patch map stays >= 1x1
         n_layers = max(1, min(3, (tok_cfg.resolution // 4).bit_length() - 1))
         disc = PatchDiscriminator(DiscriminatorConfig(in_channels=tok_cfg.out_channels, n_layers=n_layers,
                                                       norm=cfg.disc_norm)).to(device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=(cfg.beta1, cfg.beta2),
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)
         lecam = LeCam().to(device)
     lpips = LPIPS(LPIPSConfig(cfg.lpips_weights)).to(device) if cfg.lpips_weight > 0 else None
@@ -337,7 +340,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
 
             if train_disc:
                 for group in disc_opt.param_groups:
-                    group["lr"] = (cfg.disc_lr or cfg.lr) * lr / cfg.lr
+                    group["lr"] = disc_lr * lr / cfg.lr
                 with autocast(device, cfg.dtype):
                     logits = dnet(torch.cat([images, rec.detach()])).float()  # real and fake in one pass
                 real, fake = logits.chunk(2)

@@ -89,6 +89,8 @@ def _load_samples(args, num_classes: int | None, device):
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.save_samples and not args.save_samples.endswith(".npz"):  # refused before sampling, not after
+        raise UserError(f"--save-samples must end in .npz, got {args.save_samples}")
     if args.samples:
         images, labels = load_npz(args.samples)
         if args.num_samples is not None:
