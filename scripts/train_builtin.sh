@@ -12,18 +12,21 @@ BITDANCE=${BITDANCE:-.venv/bin/bitdance}
 PYTHON=${PYTHON:-.venv/bin/python}
 DATA=${DATA:-/usr/share/datasets/fashion-mnist}
 OUT=${OUT:-runs/builtin}
-if [ -n "${TOKENIZER:-}" ] && [ ! -f "$TOKENIZER/config.json" ]; then
-  echo "TOKENIZER=$TOKENIZER holds no trained tokenizer (config.json); leave TOKENIZER unset to train one" >&2
+# TOKENIZER: an existing tokenizer (a model, run or pipeline folder, or "builtin") skips step 1
+if [ -n "${TOKENIZER:-}" ] && [ "$TOKENIZER" != builtin ] && [ ! -e "$TOKENIZER" ]; then
+  echo "TOKENIZER=$TOKENIZER does not exist; leave TOKENIZER unset to train one" >&2
   exit 2
 fi
-TOKENIZER=${TOKENIZER:-$OUT/tokenizer/model}   # point at an existing tokenizer to skip step 1
 PARALLEL=${PARALLEL:-4}
 
 # 1. Binary tokenizer: 32x32 -> 8x8 tokens of 32 bits, 29.5 minutes of training (both cores; run nothing else).
-if [ ! -f "$TOKENIZER/config.json" ]; then
-  OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --preset fmnist --quantizer binary \
-    --steps 15000 --max-minutes 29.5 --batch-size 32 --lr 2e-3 --warmup 100 --eval-every 2000 --eval-images 1000 \
-    --sample-every 1000 --save-every 500 --device cpu --out "$OUT/tokenizer"
+if [ -z "${TOKENIZER:-}" ]; then
+  TOKENIZER=$OUT/tokenizer/model
+  if [ ! -f "$TOKENIZER/config.json" ]; then  # not trained by an earlier run of this script
+    OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --preset fmnist --quantizer binary \
+      --steps 15000 --max-minutes 29.5 --batch-size 32 --lr 2e-3 --warmup 100 --eval-every 2000 --eval-images 1000 \
+      --sample-every 1000 --save-every 500 --device cpu --out "$OUT/tokenizer"
+  fi
 fi
 
 # 2. Generator: the fmnist preset with next-patch diffusion (2x2 patches -> 16 AR steps), diffusion head.

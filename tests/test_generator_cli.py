@@ -111,7 +111,7 @@ def test_device_and_output_errors_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     cases = [(["sample", "--model", str(out), "--device", "foo", "--out", str(tmp_path / "x.png")], "unknown device"),
              (["sample", "--model", str(out), "--num-images", "1", "--steps", "1", "--no-progress",
-               "--out", str(tmp_path / "file" / "x.png")], "file")]
+               "--out", str(tmp_path / "file" / "x.png")], f"cannot create the output folder {tmp_path / 'file'}")]
     if not torch.cuda.is_available():
         cases.append((["sample", "--model", str(out), "--device", "cuda", "--out", str(tmp_path / "x.png")],
                       "CUDA is not available"))
@@ -138,8 +138,9 @@ def test_train_errors(trained, tmp_path, capsys):
         ([*base, "--tokenizer", str(tmp_path / "nope"), "--data", str(data)], "tokenizer folder not found"),
         ([*base, "--tokenizer", str(tok), "--data", str(tmp_path / "nope")], "data path not found"),
         ([*base, "--tokenizer", str(data), "--data", str(data)], "holds no saved tokenizer"),
-        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "cfg_scale must be >= 1"),
-        ([*base, "--tokenizer", str(tok), "--data", str(data), "--sample-steps", "0"], "num_sampling_steps"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "--cfg must be >= 1"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--sample-steps", "0"], "--sample-steps must be"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--dtype", "float16"], "needs loss scaling"),
     ]:
         assert main(argv) == 2
         assert message in capsys.readouterr().err

@@ -22,7 +22,7 @@ HEAD_KWARGS = {"ch_target": K, "ch_cond": D, "ch_latent": D, "depth_latent": 2, 
                "diff_batch_mul": 1}
 
 
-def write_t2i_folder(root, head_kwargs=HEAD_KWARGS, head_shapes=None, projector_width=D):
+def write_t2i_folder(root, head_kwargs=HEAD_KWARGS, head_shapes=None, projector_width=D, dtype=torch.float32):
     """A tiny folder in the release layout, every tensor random and written from the reference's key list."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -30,10 +30,12 @@ def write_t2i_folder(root, head_kwargs=HEAD_KWARGS, head_shapes=None, projector_
     save_official(tokenizer, root)  # ae_config.json + ae.safetensors
     (root / "vision_head_config.json").write_text(json.dumps(head_kwargs))
     shapes = head_shapes or official_shapes(K, D, D, 2, 1, P)
-    save_file({k: 0.1 * torch.randn(s, generator=g) for k, s in shapes.items()}, root / "vision_head.safetensors")
+    save_file({k: (0.1 * torch.randn(s, generator=g)).to(dtype) for k, s in shapes.items()},
+              root / "vision_head.safetensors")
     proj = {"fc1.weight": (projector_width, K), "fc1.bias": (projector_width,),
             "fc2.weight": (projector_width, projector_width), "fc2.bias": (projector_width,)}
-    save_file({k: 0.1 * torch.randn(s, generator=g) for k, s in proj.items()}, root / "projector.safetensors")
+    save_file({k: (0.1 * torch.randn(s, generator=g)).to(dtype) for k, s in proj.items()},
+              root / "projector.safetensors")
     (root / "config.json").write_text("{}")  # the LLM's files sit beside them and are not read
     return root
 
@@ -63,7 +65,9 @@ def test_components_load_strictly_and_work(tmp_path):
     (dict(head_kwargs=HEAD_KWARGS | {"use_swiglu": False}), "use_swiglu=false"),
     (dict(head_kwargs={k: v for k, v in HEAD_KWARGS.items() if k != "ch_latent"}), "lacks ch_latent"),
     (dict(head_kwargs=HEAD_KWARGS | {"parallel_num": 1}), "patch head"),
-    (dict(head_kwargs=HEAD_KWARGS | {"ch_target": 16}), "vision_head.safetensors does not match"),
+    (dict(head_kwargs={k: v for k, v in HEAD_KWARGS.items() if k != "use_swiglu"}), "use_swiglu=false"),
+    (dict(head_kwargs=HEAD_KWARGS | {"ch_target": 16}), "the head predicts 16-bit tokens, the tokenizer has 8"),
+    (dict(head_kwargs=HEAD_KWARGS | {"depth_latent": 3, "depth_adanln": 3}), "vision_head.safetensors does not"),
     (dict(head_shapes={k: v for k, v in official_shapes(K, D, D, 2, 1, P).items() if "res_blocks.1.w2" not in k}),
      "missing net.res_blocks.1.w2"),
     (dict(projector_width=2 * D), "condition width 128 is not the projector's LLM width 256"),
@@ -102,6 +106,9 @@ def test_sincos_positions_are_column_then_row_in_patch_order():
     assert torch.allclose(sincos_1d(torch.tensor([0.0]), 8), torch.tensor([[0.0] * 4 + [1.0] * 4]))
     with pytest.raises(UserError):
         sincos_positions(2, 2, 6)
+    for h, w, parallel in [(4, 4, 8), (6, 4, 16)]:  # no such patch; a grid the 4x4 patch does not tile
+        with pytest.raises(UserError, match="cannot be cut into patches"):
+            sincos_positions(h, w, 16, parallel)
 
 
 @pytest.mark.parametrize("parallel", [16, 64])
@@ -112,3 +119,18 @@ def test_the_release_config_gives_our_t2i_preset(parallel):
     release = HEAD_KWARGS | {"ch_target": 32, "ch_cond": 5120, "ch_latent": 5120, "depth_latent": 6,
                              "depth_adanln": 2, "parallel_num": parallel}  # ref §6.2
     assert head_config_from_official(release, "x") == HEAD_PRESETS[f"t2i-14b-{parallel}x"]()
+
+
+def test_weights_keep_the_stored_dtype_unless_asked(tmp_path):
+    """The release stores the head and projector in bf16 and the official pipeline runs them so; fp32 on request."""
+    from safetensors.torch import load_file
+
+    write_t2i_folder(tmp_path, dtype=torch.bfloat16)
+    stored = load_file(tmp_path / "vision_head.safetensors")
+    as_stored = load_t2i_components(tmp_path)
+    assert {p.dtype for p in as_stored.head.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in as_stored.projector.parameters()} == {torch.bfloat16}
+    fp32 = load_t2i_components(tmp_path, dtype=torch.float32)
+    head_state = fp32.head.state_dict()
+    assert all(torch.equal(v, stored[k].float()) and v.dtype == torch.float32 for k, v in head_state.items())
+    assert fp32.tokenizer.encoder.conv_in.weight.dtype == torch.float32

@@ -10,6 +10,7 @@ from bitdance.utils import (
     UserError,
     atomic_path,
     cosine_lr,
+    ensure_output_dir,
     find_resume_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -113,6 +114,26 @@ def test_atomic_writes_get_plain_file_permissions(tmp_path, umask, mode):
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
+
+
+def test_atomic_path_never_touches_the_process_umask(tmp_path, monkeypatch):
+    """Setting and restoring the umask per write races with other threads creating files; the kernel applies it."""
+    def no_umask(*args):
+        raise AssertionError("atomic_path called os.umask")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    with atomic_path(tmp_path / "f.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "f.txt").read_text() == "x"
+
+
+def test_unwritable_outputs_name_the_users_path(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        ensure_output_dir(tmp_path / "file" / "out.png")
+    with pytest.raises(UserError, match="cannot create the output folder"):
+        with atomic_path(tmp_path / "file" / "out.png"):
+            pass
 
 
 def test_unreadable_weight_files_give_one_clear_error(tmp_path):

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"bitdance: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # an output folder that cannot be written, a parent that is a file, a full disk
+    except OSError as e:  # a file or folder that cannot be read or written (a full disk, say); others are bugs
+        if e.filename is None:
+            raise
         print(f"bitdance: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

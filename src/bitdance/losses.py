@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitdance.utils import UserError
+from bitdance.utils import UserError, load_checkpoint, read_safetensors
 
 # ----------------------------------------------------------------------------------------------
 # PatchGAN discriminator
@@ -199,15 +199,7 @@ def load_lpips_state(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"LPIPS weights not found: {path} (a local file is required; nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read LPIPS weights {path}: {type(e).__name__}")
+    state = read_safetensors(path) if path.suffix == ".safetensors" else load_checkpoint(path)
     out = {}
     for k, v in state.items():
         k = k.removeprefix("module.").removeprefix("net.").removeprefix("vgg.")

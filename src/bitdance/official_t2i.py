@@ -15,6 +15,7 @@ conditions (the T2I models have no learned `pos_for_diff`).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def head_config_from_official(kwargs: dict, source: str) -> HeadConfig:
     missing = [k for k in HEAD_CONFIG_KEYS if k not in kwargs]
     if missing:
         raise UserError(f"{source} lacks {', '.join(missing)}: not a BitDance vision_head_config.json")
-    if not kwargs.get("use_swiglu", True):
+    if not kwargs.get("use_swiglu", False):  # the official DiffHead's default is the plain MLP
         raise UserError(f"{source}: use_swiglu=false (a Linear-SiLU-Linear MLP) is not supported; every released "
                         "T2I head uses SwiGLU")
     if kwargs.get("time_schedule", "logit_normal") != "logit_normal":
@@ -87,32 +88,41 @@ def head_config_from_official(kwargs: dict, source: str) -> HeadConfig:
     if fields["parallel"] not in PARALLEL_CHOICES or fields["parallel"] == 1:
         raise UserError(f"{source}: parallel_num={fields['parallel']}; the T2I head is a patch head (4, 16 or 64)")
     return HeadConfig(**fields, attn_head_dim=128, bounded_output=True,
-                      P_mean=float(kwargs.get("P_mean", -0.8)), P_std=float(kwargs.get("P_std", 0.8)),
+                      P_mean=float(kwargs.get("P_mean", 0.0)), P_std=float(kwargs.get("P_std", 1.0)),  # its defaults
                       time_shift=float(kwargs.get("time_shift", 1.0)),
                       diff_batch_mul=int(kwargs.get("diff_batch_mul", 1)))
 
 
-def _load_strict(module: nn.Module, path: Path, what: str) -> nn.Module:
-    """Fill a module built on the meta device with the tensors of `path` (strict; nothing allocated twice)."""
-    state = read_safetensors(path)
-    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, str(path), what)
+def _load_strict(module: nn.Module, state: dict, source: str, what: str, dtype: torch.dtype | None) -> nn.Module:
+    """Fill a module built on the meta device with `state` (strict), in `dtype` (None: as stored).
+
+    The tensors are adopted, not copied, and a dtype change replaces them one at a time: the 3.5 GB bf16 head is
+    never held twice.
+    """
+    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, source, what)
+    if dtype is not None:
+        for k in list(state):
+            state[k] = state[k].to(dtype)
     module.load_state_dict(state, strict=True, assign=True)
-    return module.float().eval()
+    return module.eval()
 
 
-def load_t2i_head(folder: str | os.PathLike) -> DiffusionHead:
-    """`vision_head_config.json` + `vision_head.safetensors` -> DiffusionHead (fp32, eval)."""
-    folder = Path(folder)
-    config_path = folder / HEAD_CONFIG_NAME
-    if not config_path.is_file():
+def read_t2i_head_config(folder: str | os.PathLike) -> HeadConfig:
+    path = Path(folder) / HEAD_CONFIG_NAME
+    if not path.is_file():
         raise UserError(f"{folder} has no {HEAD_CONFIG_NAME}: not a BitDance T2I model folder")
-    config = head_config_from_official(read_json(config_path), str(config_path))
+    return head_config_from_official(read_json(path), str(path))
+
+
+def load_t2i_head(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> DiffusionHead:
+    """`vision_head_config.json` + `vision_head.safetensors` -> DiffusionHead (eval; dtype None: as stored)."""
     with torch.device("meta"):
-        head = DiffusionHead(config)
-    return _load_strict(head, folder / HEAD_WEIGHTS_NAME, f"the head of {HEAD_CONFIG_NAME}")
+        head = DiffusionHead(read_t2i_head_config(folder))
+    path = Path(folder) / HEAD_WEIGHTS_NAME
+    return _load_strict(head, read_safetensors(path), str(path), f"the head of {HEAD_CONFIG_NAME}", dtype)
 
 
-def load_t2i_projector(folder: str | os.PathLike, token_bits: int = 32) -> Projector:
+def load_t2i_projector(folder: str | os.PathLike, token_bits: int = 32, dtype: torch.dtype | None = None) -> Projector:
     """`projector.safetensors` -> Projector; the LLM width is read from fc2's shape."""
     path = Path(folder) / PROJECTOR_WEIGHTS_NAME
     state = read_safetensors(path)
@@ -120,32 +130,41 @@ def load_t2i_projector(folder: str | os.PathLike, token_bits: int = 32) -> Proje
         raise UserError(f"{path} has no 2-D fc2.weight: not a BitDance projector")
     with torch.device("meta"):
         projector = Projector(ProjectorConfig(token_bits=token_bits, dim=int(state["fc2.weight"].shape[0])))
-    return _load_strict(projector, path, "a projector")
+    return _load_strict(projector, state, str(path), "a projector", dtype)
 
 
-def load_t2i_components(folder: str | os.PathLike, device: str | torch.device = "cpu") -> T2IVisionComponents:
-    """The tokenizer, diffusion head and projector of an official T2I folder; their sizes are checked together."""
+def load_t2i_components(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> T2IVisionComponents:
+    """The tokenizer, diffusion head and projector of an official T2I folder, checked against each other.
+
+    dtype None keeps the head and projector as stored (bf16 in the release, as the official pipeline runs them;
+    pass torch.float32 for a CPU); the tokenizer is always fp32. The head's config is checked against the
+    tokenizer before its 3.5 GB of weights are read.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"T2I model folder not found: {folder}")
     tokenizer = ImageTokenizer.from_official(folder)
-    head = load_t2i_head(folder)
-    projector = load_t2i_projector(folder, token_bits=head.config.token_bits)
-    bits = tokenizer.config.z_channels
-    if head.config.token_bits != bits:
-        raise UserError(f"{folder}: the head predicts {head.config.token_bits}-bit tokens, the tokenizer has {bits}")
-    if head.config.cond_dim != projector.config.dim:
-        raise UserError(f"{folder}: the head's condition width {head.config.cond_dim} is not the projector's "
+    bits, head_config = tokenizer.config.z_channels, read_t2i_head_config(folder)
+    if head_config.token_bits != bits:
+        raise UserError(f"{folder}: the head predicts {head_config.token_bits}-bit tokens, the tokenizer has {bits}")
+    projector = load_t2i_projector(folder, token_bits=bits, dtype=dtype)
+    if head_config.cond_dim != projector.config.dim:
+        raise UserError(f"{folder}: the head's condition width {head_config.cond_dim} is not the projector's "
                         f"LLM width {projector.config.dim}")
+    head = load_t2i_head(folder, dtype=dtype)
     return T2IVisionComponents(tokenizer.to(device), head.to(device), projector.to(device))
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """(n,) positions -> (n, dim): dim/2 sines then dim/2 cosines, omega_i = 1 / 10000^(i / (dim/2))."""
+    """(n,) positions -> (n, dim): dim/2 sines then dim/2 cosines, omega_i = 1 / 10000^(i / (dim/2)).
+
+    fp32 in the official order of operations (arange / half, then 1 / 10000^omega, then the outer product).
+    """
     half = dim // 2
-    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)  # (half,)
-    angles = positions.double()[:, None] * omega[None]  # (n, half)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float32) / (dim / 2.0))  # (half,)
+    angles = positions.float()[:, None] * omega[None]  # (n, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def sincos_positions(grid_h: int, grid_w: int, dim: int, parallel: int = 1) -> torch.Tensor:
@@ -156,6 +175,10 @@ def sincos_positions(grid_h: int, grid_w: int, dim: int, parallel: int = 1) -> t
     """
     if dim % 4:
         raise UserError(f"the sin-cos width must be divisible by 4, got {dim}")
+    side = math.isqrt(parallel)
+    if parallel not in PARALLEL_CHOICES or grid_h % side or grid_w % side:
+        raise UserError(f"a {grid_h}x{grid_w} grid cannot be cut into patches of parallel={parallel} "
+                        f"(choices {PARALLEL_CHOICES}, grid sides divisible by sqrt(parallel))")
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (h, w) each
     table = torch.cat([sincos_1d(cols.reshape(-1), dim // 2), sincos_1d(rows.reshape(-1), dim // 2)], dim=-1)
     return table[patch_order(grid_h, grid_w, parallel)]  # raster -> patch order

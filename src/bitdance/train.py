@@ -44,6 +44,7 @@ from bitdance.utils import (
     changed_fields,
     check_finite,
     check_loop_options,
+    check_training_dtype,
     cleanup_distributed,
     cosine_lr,
     count_parameters,
@@ -54,7 +55,6 @@ from bitdance.utils import (
     init_distributed,
     load_checkpoint,
     plot_curves,
-    resolve_dtype,
     save_checkpoint,
     save_image_grid,
     update_ema,
@@ -135,7 +135,11 @@ def _validate(cfg: TrainConfig, world: int) -> None:
                        {"--sample-every": cfg.sample_every})
     if not 0 <= cfg.schedule_start < cfg.steps:
         raise UserError(f"--schedule-start must be in [0, --steps), got {cfg.schedule_start} (--steps {cfg.steps})")
-    resolve_dtype(cfg.dtype)
+    check_training_dtype(cfg.dtype)
+    if cfg.cfg_scale is not None and cfg.cfg_scale < 1:  # before the data are encoded, not after
+        raise UserError(f"--cfg must be >= 1 (1 turns guidance off), got {cfg.cfg_scale}")
+    if cfg.sampling_steps is not None and cfg.sampling_steps < 1:
+        raise UserError(f"--sample-steps must be at least 1, got {cfg.sampling_steps}")
 
 
 def load_tokenizer(path: str | Path, device) -> ImageTokenizer:

@@ -47,6 +47,7 @@ from bitdance.utils import (
     changed_fields,
     check_finite,
     check_loop_options,
+    check_training_dtype,
     cleanup_distributed,
     config_from_dict,
     cosine_lr,
@@ -57,7 +58,6 @@ from bitdance.utils import (
     init_distributed,
     load_checkpoint,
     plot_curves,
-    resolve_dtype,
     save_checkpoint,
     save_image_grid,
     update_ema,
@@ -180,7 +180,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         raise UserError(f"--disc-lr must be > 0 (leave it out to use --lr), got {cfg.disc_lr}")
     if cfg.lpips_weight > 0 and not cfg.lpips_weights:
         raise UserError("--lpips-weight > 0 needs --lpips-weights PATH (a local file; nothing is downloaded)")
-    resolve_dtype(cfg.dtype)
+    check_training_dtype(cfg.dtype)
     local_batch = cfg.batch_size // info.world_size
     init = None
     if cfg.init_from:

@@ -64,6 +64,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_training_dtype(name: str) -> torch.dtype:
+    """The autocast dtype of a training run: float16 is refused, as it needs loss scaling the trainers do not do."""
+    dtype = resolve_dtype(name)
+    if dtype == torch.float16:
+        raise UserError("--dtype float16 is for sampling only: training in fp16 needs loss scaling, which the "
+                        "trainers do not do; train in bfloat16 (GPU) or float32")
+    return dtype
+
+
 def autocast(device: torch.device, dtype: str | torch.dtype = "float32"):
     """Autocast for bf16/fp16, a no-op context for fp32 (the CPU default)."""
     dtype = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -83,7 +92,7 @@ def random_on(kind: str, shape, generator: torch.Generator | None, device, dtype
 
 
 def fp32_island(device_type: str = "cpu"):
-    """Disable autocast: quantizers, entropy losses and the diffusion head run in fp32."""
+    """Disable autocast: quantizers, entropy losses, the per-bit head and the flow's noise draws run in fp32."""
     return torch.autocast(device_type=device_type, enabled=False)
 
 
@@ -97,6 +106,21 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return (str(error).splitlines() or [""])[0][:limit]
 
 
+def ensure_output_dir(path: str | os.PathLike) -> Path:
+    """Create the folder `path` will be written to, or raise a UserError naming it.
+
+    Commands call it before long work (sampling, evaluation), so an unwritable --out fails in a second, not after.
+    """
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, a read-only file system
+        raise UserError(f"cannot create the output folder {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"the output folder {parent} is not writable")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
@@ -107,9 +131,12 @@ def atomic_path(path: str | os.PathLike):
     another thread could see.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(path)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as e:  # name the file the user asked for, not our hidden temp name
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

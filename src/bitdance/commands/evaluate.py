@@ -14,7 +14,7 @@ import json
 import sys
 
 from bitdance.commands.options import DEVICE_HELP
-from bitdance.utils import UserError, write_json
+from bitdance.utils import UserError, ensure_output_dir, write_json
 
 DEFAULT_MODEL_SAMPLES = 1000
 
@@ -91,6 +91,9 @@ def _load_samples(args, num_classes: int | None, device):
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.save_samples and not args.save_samples.endswith(".npz"):  # refused before sampling, not after
         raise UserError(f"--save-samples must end in .npz, got {args.save_samples}")
+    for path in (args.save_samples, getattr(args, "out", None)):
+        if path:
+            ensure_output_dir(path)
     if args.samples:
         images, labels = load_npz(args.samples)
         if args.num_samples is not None:

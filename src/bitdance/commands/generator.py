@@ -113,7 +113,7 @@ def run_sample(args) -> int:
     from tqdm.auto import tqdm
 
     from bitdance.pipeline import BitDancePipeline
-    from bitdance.utils import batch_seed, resolve_device, save_image_grid
+    from bitdance.utils import batch_seed, ensure_output_dir, resolve_device, save_image_grid
 
     out = Path(args.out)
     kind = out.suffix.lower()
@@ -127,6 +127,7 @@ def run_sample(args) -> int:
         raise UserError(f"--cfg: the cfg scale must be >= 1 (1 turns guidance off), got {args.cfg}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    ensure_output_dir(out)  # before sampling, not after
     device = resolve_device(args.device)
     pipe = BitDancePipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
     classes = pipe.class_ids(args.class_label) if args.class_label else list(range(pipe.num_classes))

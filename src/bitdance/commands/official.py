@@ -43,7 +43,8 @@ def register(subparsers) -> None:
         "folder, one process or many under torchrun. Chunks are written atomically next to --out and a rerun "
         "skips finished ones; rank 0 merges them into --out (arr_0 uint8 NHWC, arr_1 labels).")
     s.add_argument("--model", required=True, help="pipeline folder (e.g. from convert-official)")
-    s.add_argument("--out", required=True, help="final .npz; chunks go to the folder OUT with .chunks for .npz")
+    s.add_argument("--out", required=True,
+                   help="final .npz; chunks go to OUT with .npz replaced by .chunks (samples/B-4x.chunks/)")
     s.add_argument("--per-class", type=int, default=50, help="images per class (50: 50,000 for ImageNet)")
     s.add_argument("--num-classes", type=int, default=None, help="sample only classes 0..N-1 (default: all)")
     s.add_argument("--per-proc-batch-size", type=int, default=32, help="batch per process (= chunk size)")
