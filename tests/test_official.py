@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bitdance import cli
+from bitdance.flow import RectifiedFlow
 from bitdance.official import OFFICIAL_MODELS, infer_official_config
 from bitdance.pipeline import BitDancePipeline
 from bitdance.sampling import generate
@@ -171,14 +172,30 @@ def test_embedded_vae_is_the_default_tokenizer_and_no_ema_falls_back(tmp_path, c
     assert code == 2 and "--force" in err
 
 
+def test_time_shift_from_args_reaches_the_sampler_grid(tmp_path, capsys):
+    """time_shift is not training-only: the official sampler shifts its time grid with it."""
+    src, *_ = write_official(tmp_path, 4, args=argparse.Namespace(parallel_num=4, time_shift=3.0))
+    assert run_cli(["convert-official", src, tmp_path / "o", "--any-size"], capsys)[0] == 0
+    _, gen = load_converted(tmp_path / "o")
+    flow = gen.head.flow
+    assert gen.config.time_shift == 3.0 and flow.config.time_shift == 3.0
+    shifted, plain = flow.timestep_grid(10)[0], RectifiedFlow().timestep_grid(10)[0]
+    assert (shifted[1:-1] < plain[1:-1]).all()  # s > 1 moves every inner time toward the noise end
+
+
 @pytest.mark.parametrize("name", list(OFFICIAL_MODELS))
 def test_released_models_are_recognised_from_shapes_on_meta(name):
     from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 
     m = OFFICIAL_MODELS[name]
+    # the state dict written from the reference's size table (ref §3.1), not from our module
+    dim, layers, head_depth, n_adaln = {"B": (768, 24, 6, 2), "L": (1024, 32, 8, 2), "H": (1280, 40, 12, 3)}[m.size]
+    spec = backbone_shapes(dim, layers, 1000, 64, 32, 256, m.parallel) | head_shapes(dim, head_depth, n_adaln, dim,
+                                                                                     32, m.parallel)
+    state = {k: torch.empty(shape, device="meta") for k, shape in spec.items()}
     with torch.device("meta"):
-        model = BitDance(BITDANCE_PRESETS[m.size](parallel=m.parallel))
-    state = dict(model.state_dict())
+        ours = BitDance(BITDANCE_PRESETS[m.size](parallel=m.parallel)).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == spec  # and our module has exactly those
     config, got = infer_official_config(state, "x.pt", args={"parallel_num": m.parallel})
     assert got == name
     ref = {"B-1x": 3.2, "B-4x": 3.9, "B-16x": 6.1, "L-1x": 4.0, "H-1x": 4.55}[name]  # ref §3.1 table
