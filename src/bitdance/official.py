@@ -265,11 +265,6 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_shapes(model: torch.nn.Module, state: dict, source: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_shapes(expected, state, source, "the inferred model")
-
-
 def tokenizer_from_state(state: dict[str, torch.Tensor], source: str):
     """An official tokenizer state dict (the checkpoint's own `vae.*`) -> ImageTokenizer, strictly."""
     from bitdance.models.autoencoder import ImageTokenizer
@@ -278,7 +273,7 @@ def tokenizer_from_state(state: dict[str, torch.Tensor], source: str):
     state = {k: v for k, v in state.items() if not k.startswith("quantize.")}  # quantizer buffers: not weights
     config = infer_config(state, source)
     model = ImageTokenizer(config)
-    _check_shapes(model, state, source)
+    check_state_shapes(model, state, source, "the inferred model")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -320,7 +315,7 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     generator = BitDance(config)
-    _check_shapes(generator, gen_state, str(src))
+    check_state_shapes(generator, gen_state, str(src), "the inferred model")
     generator.load_state_dict(gen_state, strict=True)
     generator.eval()
 

@@ -99,7 +99,7 @@ def _load_strict(module: nn.Module, state: dict, source: str, what: str, dtype: 
     The tensors are adopted, not copied, and a dtype change replaces them one at a time: the 3.5 GB bf16 head is
     never held twice.
     """
-    check_state_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, state, source, what)
+    check_state_shapes(module, state, source, what)
     if dtype is not None:
         for k in list(state):
             state[k] = state[k].to(dtype)

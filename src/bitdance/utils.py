@@ -38,6 +38,11 @@ class UserError(Exception):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)  # absent from some builds
+    return mps is not None and mps.is_available()
+
+
 def resolve_device(name: str | None = None) -> torch.device:
     """`name` if given, else cuda, then mps, then cpu. A device this machine lacks is a UserError, not a traceback."""
     if name:
@@ -45,15 +50,14 @@ def resolve_device(name: str | None = None) -> torch.device:
             device = torch.device(name)
         except RuntimeError as e:
             raise UserError(f"unknown device {name!r} ({first_line(e)})") from None
-        mps = getattr(torch.backends, "mps", None)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-        if device.type == "mps" and not (mps is not None and mps.is_available()):
+        if device.type == "mps" and not _mps_available():
             raise UserError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -255,8 +259,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read safetensors file {path}: {type(e).__name__}: {first_line(e)}")
 
 
-def check_state_shapes(expected: dict[str, tuple[int, ...]], state: dict, source: str, what: str) -> None:
-    """UserError naming up to three missing / unexpected / mis-shaped keys of `state` against `expected`."""
+def check_state_shapes(expected: dict[str, tuple[int, ...]] | nn.Module, state: dict, source: str, what: str) -> None:
+    """UserError naming up to three missing / unexpected / mis-shaped keys of `state` against `expected`.
+
+    `expected` is a {key: shape} mapping or a module (meta-device modules work: only shapes are read).
+    """
+    if isinstance(expected, nn.Module):
+        expected = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k} has shape {tuple(state[k].shape)}, expected {v}"
