@@ -138,12 +138,14 @@ def test_train_errors(trained, tmp_path, capsys):
         ([*base, "--tokenizer", str(tmp_path / "nope"), "--data", str(data)], "tokenizer folder not found"),
         ([*base, "--tokenizer", str(tok), "--data", str(tmp_path / "nope")], "data path not found"),
         ([*base, "--tokenizer", str(data), "--data", str(data)], "holds no saved tokenizer"),
-        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "--cfg must be >= 1"),
-        ([*base, "--tokenizer", str(tok), "--data", str(data), "--sample-steps", "0"], "--sample-steps must be"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "cfg_scale must be >= 1"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--sample-steps", "0"], "num_sampling_steps must be"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--model-arg", "dimm=8"], "dimm"),
         ([*base, "--tokenizer", str(tok), "--data", str(data), "--dtype", "float16"], "needs loss scaling"),
     ]:
         assert main(argv) == 2
         assert message in capsys.readouterr().err
+        assert not (tmp_path / "r" / "tokens.safetensors").exists(), argv  # refused before encoding the data
     assert not (tmp_path / "r" / "model").exists()
     with pytest.raises(SystemExit) as e:  # argparse: an unknown head
         main([*base, "--tokenizer", str(tok), "--data", str(data), "--head", "mlp"])
