@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def _reference_outputs(model, x):
     return model.decode(model.encode(x))
 
 
-def test_official_pt_loader_infers_config_strips_prefix_and_ignores_buffers(tmp_path):
+def test_official_pt_loader_infers_config_strips_prefix_and_ignores_buffers(tmp_path, caplog):
     cfg = _tiny(ch_mult=(1, 1, 2))
     sd = random_official_state_dict(cfg, _gen())
     blob = {f"vae.{k}": v for k, v in sd.items()}
@@ -160,6 +161,14 @@ def test_official_pt_loader_infers_config_strips_prefix_and_ignores_buffers(tmp_
     blob["cls_embedding.weight"] = torch.zeros(3, 4)  # the rest of an ImageNet BitDance model
     save_checkpoint({"state_dict": blob}, tmp_path / "ae.pt")
     m = ImageTokenizer.from_official(tmp_path / "ae.pt")
+    # an autoencoder training checkpoint: its loss modules' weights are set aside, with a note
+    training = {**sd, "loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
+                "loss.logits_real_ema": torch.zeros(())}
+    save_checkpoint({"state_dict": training}, tmp_path / "ae_training.pt")
+    with caplog.at_level(logging.WARNING, logger="bitdance.official"):
+        trained = ImageTokenizer.from_official(tmp_path / "ae_training.pt")
+    assert "ignoring keys outside the tokenizer (loss.*)" in caplog.text
+    assert torch.equal(_reference_outputs(trained, _images()), _reference_outputs(m, _images()))
     c = m.config
     assert (c.ch, c.ch_mult, c.num_res_blocks, c.z_channels) == (32, (1, 1, 2), 1, 16)
     ref = ImageTokenizer(cfg).eval()

@@ -346,8 +346,10 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
 
         `path`: a folder holding `ae_config.json` + `ae.safetensors` (or `<name>_config.json` +
         `<name>.safetensors`), one of those two files, or a `.pt` dict with a `state_dict` key (e.g.
-        `ae_d16c32.pt`; a `vae.` prefix is stripped). Without `config` (and without a JSON config) the
-        architecture is inferred from the tensor shapes. A file that does not match raises UserError.
+        `ae_d16c32.pt`; a `vae.` prefix is stripped, keys outside the encoder, decoder and quantizer, such as a
+        training checkpoint's loss weights, are set aside with a logged note). Without `config` (and without a
+        JSON config) the architecture is inferred from the tensor shapes. A file that does not match raises
+        UserError.
         """
         from bitdance.models.autoencoder_official import infer_config, official_key_shapes, read_official_tokenizer
 

@@ -8,6 +8,7 @@ of `random_official_state_dict` is a real check of our parameter names.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,8 +17,11 @@ import torch
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer, TokenizerConfig
 from bitdance.utils import UserError, atomic_path, load_checkpoint, read_json, read_safetensors, write_json
 
+log = logging.getLogger("bitdance.official")
+
 OFFICIAL_CONFIG_NAME = "ae_config.json"
 OFFICIAL_WEIGHTS_NAME = "ae.safetensors"
+TOKENIZER_MODULES = ("encoder", "decoder", "quantize")  # the top-level modules of the official autoencoder
 
 
 def official_key_shapes(config: TokenizerConfig) -> dict[str, tuple[int, ...]]:
@@ -175,6 +179,13 @@ def _strip_official_prefixes(state: dict, source: str) -> dict[str, torch.Tensor
         raise UserError(f"{source} does not hold a state dict of tensors")
     if any(k.startswith("vae.") for k in state):  # a whole ImageNet BitDance model: keep its tokenizer
         state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
+    # A training checkpoint also carries its losses' weights (discriminator, LPIPS); the official sampler loads
+    # with strict=False for that reason. Keys outside the autoencoder's own modules are set aside, with a note;
+    # the encoder's and decoder's keys are still checked strictly.
+    outside = sorted({k.split(".")[0] for k in state} - set(TOKENIZER_MODULES))
+    if outside:
+        log.warning("%s: ignoring keys outside the tokenizer (%s.*)", source, ".*, ".join(outside))
+        state = {k: v for k, v in state.items() if k.split(".")[0] in TOKENIZER_MODULES}
     # The official quantizer's buffers (codebook, masks) are non-persistent, not weights: drop any that
     # slipped in. Only our VQ tokenizer has a (G, 2^g, g) `quantize.codebook` parameter.
     book = state.get("quantize.codebook")
