@@ -1,4 +1,5 @@
 import json
+import signal
 
 import pytest
 import torch
@@ -62,18 +63,21 @@ def test_resume_continues_from_the_saved_step_and_matches_one_run(data_dir, tmp_
     straight = tmp_path / "straight"
     run(_cfg(data_dir, straight, steps=6))
 
-    class Interrupted(tt.InfiniteBatches):
-        def __next__(self):
-            if self.step == 4:
-                raise KeyboardInterrupt  # Ctrl-C before step 5: the trainer saves step 4 and re-raises
-            return super().__next__()
+    calls, update_ema = [], tt.update_ema
+
+    def ctrl_c_in_step_4(ema, model, decay):  # Ctrl-C lands after the weights' update, before the EMA's
+        calls.append(1)
+        if len(calls) == 4:
+            signal.raise_signal(signal.SIGINT)
+        update_ema(ema, model, decay)
 
     split = tmp_path / "split"
     with monkeypatch.context() as m:
-        m.setattr(tt, "InfiniteBatches", Interrupted)
+        m.setattr(tt, "update_ema", ctrl_c_in_step_4)
         with pytest.raises(KeyboardInterrupt):
             run(_cfg(data_dir, split, steps=6))
-    assert load_checkpoint(split / "checkpoint.pt")["step"] == 4
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 4  # step 4 was finished, then saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handler is gone
     run(_cfg(data_dir, split, steps=6))  # auto-resume from split/checkpoint.pt
     assert [r["step"] for r in _rows(split)] == [2, 4, 6]
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")

@@ -1,6 +1,7 @@
 """Generator training (`bitdance.train.run`): loss goes down, run folder, exact resume, overfitting, options."""
 
 import json
+import signal
 
 import pytest
 import torch
@@ -153,6 +154,50 @@ def test_ema_decay_is_warmed_up():
     assert ema_decay_at(0.999, 10**6) == 0.999
 
 
+def test_nan_gradient_under_a_finite_loss_stops_before_the_update(tokenizer_dir, data_dir, tmp_path, monkeypatch):
+    forward, calls = BitDance.forward, []
+
+    def nan_gradient_from_step_4(self, tokens, labels, generator=None):
+        calls.append(1)
+        loss = forward(self, tokens, labels, generator=generator)
+        if len(calls) < 4:
+            return loss
+        w = self.proj_in.w1.weight
+        return loss + 0.0 * (w - w.detach()).abs().sum().sqrt()  # adds 0; d sqrt(u)/du at 0 is inf -> NaN grads
+
+    monkeypatch.setattr(BitDance, "forward", nan_gradient_from_step_4)
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 4"):
+        run(cfg(tokenizer_dir, data_dir, tmp_path / "run", save_every=2))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_ctrl_c_inside_a_step_saves_that_step_whole_and_resumes_exactly(tokenizer_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    straight = tmp_path / "straight"
+    run(cfg(tokenizer_dir, data_dir, straight))
+    calls, update_ema = [], tr.update_ema
+
+    def ctrl_c_in_step_3(ema, model, decay):  # Ctrl-C lands after the weights' update, before the EMA's
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        update_ema(ema, model, decay)
+
+    split = tmp_path / "split"
+    with monkeypatch.context() as m:
+        m.setattr(tr, "update_ema", ctrl_c_in_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg(tokenizer_dir, data_dir, split))
+    assert load_checkpoint(split / "checkpoint.pt")["step"] == 3
+    assert "interrupted: checkpoint saved at step 3" in (split / "log.txt").read_text()
+    run(cfg(tokenizer_dir, data_dir, split))
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for key in ("model", "ema"):
+        for k, v in a[key].items():
+            assert torch.equal(v, b[key][k]), (key, k)
+
+
 def test_nan_loss_stops_the_run(tokenizer_dir, data_dir, tmp_path, monkeypatch):
     def nan_forward(self, tokens, labels, generator=None):
         return self.proj_in.w1.weight.sum() * float("nan")
@@ -176,6 +221,8 @@ def test_user_errors(tokenizer_dir, data_dir, tmp_path):
         run(cfg(tokenizer_dir, data_dir, tmp_path / "e", parallel=64))
     out = tmp_path / "f"
     run(cfg(tokenizer_dir, data_dir, out, steps=4, stop_after=1))
+    with pytest.raises(UserError, match="--stop-after must be at least 1"):
+        run(cfg(tokenizer_dir, data_dir, out, steps=4, stop_after=0))
     with pytest.raises(UserError, match="another model config"):  # resuming with another --parallel
         run(cfg(tokenizer_dir, data_dir, out, steps=4, parallel=4))
 
@@ -232,6 +279,10 @@ def test_extending_a_finished_run_with_schedule_start_warms_up_afresh(tokenizer_
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
     log = (out / "log.txt").read_text()
     assert "planned for 4 steps and now for 8" in log and "re-stretches" not in log
+
+    run(cfg(tokenizer_dir, data_dir, out, steps=10, lr=2e-4, min_lr=1e-5, warmup=2, schedule_start=4, stop_after=1))
+    run(cfg(tokenizer_dir, data_dir, out, steps=10, lr=1e-4, min_lr=1e-5, warmup=2, schedule_start=4))
+    assert "the schedule changed (--lr 0.0002 -> 0.0001): at step 9" in (out / "log.txt").read_text()
 
     plain = tmp_path / "plain"  # without --schedule-start the whole cosine is re-stretched: said, not silent
     run(cfg(tokenizer_dir, data_dir, plain, steps=4))

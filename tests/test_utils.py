@@ -1,4 +1,5 @@
 import os
+import signal
 from dataclasses import dataclass
 
 import pytest
@@ -7,6 +8,7 @@ from torch import nn
 
 from bitdance.utils import (
     PretrainedMixin,
+    StepBoundaryInterrupt,
     UserError,
     atomic_path,
     cosine_lr,
@@ -161,3 +163,24 @@ class _TinyPretrained(nn.Module, PretrainedMixin):
         super().__init__()
         self.config = config
         self.linear = nn.Linear(config.width, config.width)
+
+
+def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not():
+    before = signal.getsignal(signal.SIGINT)
+    interrupt = StepBoundaryInterrupt().install()
+    try:
+        signal.raise_signal(signal.SIGINT)  # mid-step: only noted
+        assert interrupt.requested and not interrupt.at_boundary
+        with pytest.raises(KeyboardInterrupt):
+            interrupt.check()  # the loop's step boundary
+        assert interrupt.at_boundary
+        second = StepBoundaryInterrupt().install()
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # pressed again: now
+        assert not second.at_boundary
+        second.restore()
+    finally:
+        interrupt.restore()
+    assert signal.getsignal(signal.SIGINT) is before
+    StepBoundaryInterrupt().check()  # nothing pressed: no-op

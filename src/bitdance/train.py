@@ -38,6 +38,7 @@ from bitdance.pipeline import BitDancePipeline, decode_codes, resolve_tokenizer_
 from bitdance.sampling import generate
 from bitdance.utils import (
     JsonlLog,
+    StepBoundaryInterrupt,
     UserError,
     autocast,
     barrier,
@@ -133,6 +134,8 @@ def _validate(cfg: TrainConfig, world: int) -> None:
         raise UserError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(BITDANCE_PRESETS)}")
     check_loop_options(cfg.steps, cfg.batch_size, world, cfg.save_every, cfg.log_every, cfg.ema_decay,
                        {"--sample-every": cfg.sample_every})
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise UserError(f"--stop-after must be at least 1 step, got {cfg.stop_after}")
     if not 0 <= cfg.schedule_start < cfg.steps:
         raise UserError(f"--schedule-start must be in [0, --steps), got {cfg.schedule_start} (--steps {cfg.steps})")
     check_training_dtype(cfg.dtype)
@@ -283,11 +286,17 @@ def _check_schedule(cfg: TrainConfig, step: int, saved: dict, logger) -> None:
     plan = {k: saved[k] for k in ("steps", "lr", "warmup", "min_lr", "schedule_start") if k in saved}
     before = replace(cfg, **plan)  # the schedule the checkpoint was trained under
     planned = before.steps
-    if "steps" not in plan or (planned, before.schedule_start) == (cfg.steps, cfg.schedule_start):
+    changed = [f"--{k.replace('_', '-')} {plan[k]:g} -> {getattr(cfg, k):g}"
+               for k in plan if plan[k] != getattr(cfg, k)]
+    if not changed:
         return
     old, new = schedule_lr(before, step), schedule_lr(cfg, step)
-    logger.info("the run was planned for %d steps and now for %d: at step %d the learning rate goes %.2e -> %.2e",
-                planned, cfg.steps, step, old, new)
+    if planned != cfg.steps:
+        logger.info("the run was planned for %d steps and now for %d: at step %d the learning rate goes %.2e -> "
+                    "%.2e", planned, cfg.steps, step, old, new)
+    else:
+        logger.info("the schedule changed (%s): at step %d the learning rate goes %.2e -> %.2e", ", ".join(changed),
+                    step, old, new)
     if cfg.schedule_start == 0 and step >= planned:
         logger.warning("extending a finished run re-stretches its cosine from step 0; for a fresh warmup + cosine "
                        "over the new steps pass --schedule-start %d (and a --lr for the new peak)", step)
@@ -392,6 +401,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
     loss_sum, n_since, t0 = torch.zeros((), device=device), 0, time.time()
     model.train()
+    interrupt = StepBoundaryInterrupt(info).install()
     try:
         while step < last:
             lr = schedule_lr(cfg, step)
@@ -410,10 +420,10 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
             with autocast(device, cfg.dtype):
                 loss = net(x, y, generator=gen)
             loss = loss.float()
-            check_finite(loss, step + 1, info)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
+            check_finite(step + 1, info, loss=loss, gradient_norm=grad_norm)
             opt.step()
             update_ema(ema, model, ema_decay_at(cfg.ema_decay, step))
             step += 1
@@ -435,6 +445,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
                     logger.info("step %d: loss %.4f, lr %.2e, %.1f img/s", step, row["loss"], lr, row["img_per_s"])
                 loss_sum.zero_()
                 n_since, t0 = 0, time.time()
+            interrupt.check()  # a Ctrl-C during the step stops here, with the state whole
             t_pause = time.time()
             if step % cfg.save_every == 0 or step == last:
                 save(step)
@@ -443,7 +454,15 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
             if step % cfg.save_every == 0 or step == last:
                 barrier(info)
             t0 += time.time() - t_pause  # img/s counts training only
+    except KeyboardInterrupt:
+        if main and interrupt.at_boundary:
+            save(step)
+            logger.info("interrupted: checkpoint saved at step %d", step)
+        elif main:
+            logger.info("interrupted inside a step: nothing saved, the last checkpoint is kept")
+        raise
     finally:
+        interrupt.restore()
         bar.close()
 
     # -- export -----------------------------------------------------------------------------------

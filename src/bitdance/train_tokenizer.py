@@ -41,6 +41,7 @@ from bitdance.metrics import evaluate_tokenizer
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer, TokenizerConfig
 from bitdance.utils import (
     JsonlLog,
+    StepBoundaryInterrupt,
     UserError,
     autocast,
     barrier,
@@ -296,6 +297,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             logger.info("step %d: loss %.4f, l1 %.4f, %.0f img/s", step, row["loss"], row["l1"], row["img_per_s"])
         sums, n_since, train_s_logged = {}, 0, train_s
     model.train()
+    interrupt = StepBoundaryInterrupt(info).install()
     try:
         while step < cfg.steps:
             if budget_s > 0 and _out_of_time(train_s, budget_s, info):
@@ -330,11 +332,10 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                     terms["g_loss"] = generator_loss(disc(rec).float(), cfg.gen_loss)
                 disc.requires_grad_(True)
                 loss = loss + cfg.disc_weight * terms["g_loss"]
-            check_finite(loss, step + 1, info)
-
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
+            check_finite(step + 1, info, loss=loss, gradient_norm=grad_norm)
             opt.step()
             update_ema(ema, model, ema_decay_at(cfg.ema_decay, step))
 
@@ -349,6 +350,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 terms["d_loss"] = d_loss
                 disc_opt.zero_grad(set_to_none=True)
                 (d_loss + cfg.lecam_weight * terms["lecam"]).backward()
+                check_finite(step + 1, info, discriminator_loss=d_loss)
                 disc_opt.step()
 
             step += 1
@@ -360,6 +362,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log_row(lr)
+            interrupt.check()  # a Ctrl-C during the step stops here, with the state whole
             if step % cfg.save_every == 0 and step < cfg.steps:
                 save(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -369,11 +372,14 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 log.plot(out)
             barrier(info)
     except KeyboardInterrupt:
-        if main and step > 0:
+        if main and interrupt.at_boundary and step > 0:
             save(step)
             logger.info("interrupted: checkpoint saved at step %d", step)
+        elif main:
+            logger.info("interrupted inside a step: nothing saved, the last checkpoint is kept")
         raise
     finally:
+        interrupt.restore()
         bar.close()
 
     if n_since:  # a time budget ended the run between log rows
@@ -394,9 +400,9 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
 
 def _out_of_time(train_s: float, budget_s: float, info) -> bool:
     """Rank 0's clock decides, so that every rank stops at the same step."""
-    flag = torch.tensor(1.0 if train_s >= budget_s else 0.0)
+    flag = torch.tensor(1.0 if train_s >= budget_s else 0.0, device=info.device)
     if info.enabled:
-        dist.broadcast(flag.to(info.device), src=0)
+        dist.broadcast(flag, src=0)  # in place: a .to(device) copy would be filled and dropped on CUDA
     return bool(flag.item())
 
 

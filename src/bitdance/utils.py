@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import secrets
+import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -301,22 +303,74 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def check_finite(loss: torch.Tensor, step: int, info: DistInfo | None = None) -> None:
+def check_finite(step: int, info: DistInfo | None = None, **values: torch.Tensor) -> None:
     """Stop a run with a clear message instead of training on NaNs.
 
-    Under DDP pass `info`: the ranks agree first, so a NaN on one rank stops all of them together instead of
-    leaving the others waiting in the next all-reduce.
+    Call it before `opt.step()` with the step's loss and gradient norm (`loss=..., gradient_norm=...`): a NaN
+    gradient under a finite loss would otherwise write NaN weights, which the next checkpoint would keep. Under
+    DDP pass `info`: the ranks agree first, so a NaN on one rank stops all of them together instead of leaving
+    the others waiting in the next all-reduce. One host sync for all the values.
     """
-    finite = bool(torch.isfinite(loss).all())
+    names = list(values)
+    finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()]))  # (len,)
+    bad = [] if bool(finite.all()) else [n for n, ok in zip(names, finite.tolist()) if not ok]
+    anywhere = bool(bad)
     if info is not None and info.enabled:
-        bad = torch.tensor(0.0 if finite else 1.0, device=loss.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        finite = bad.item() == 0
-    if not finite:
-        raise FloatingPointError(
-            f"loss is {loss.item() if loss.numel() == 1 else 'not finite'} at step {step}; stopping. "
-            "The last good checkpoint is kept. Try a lower learning rate or --dtype float32."
-        )
+        flag = torch.tensor(1.0 if bad else 0.0, device=finite.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anywhere = flag.item() > 0
+    if anywhere:
+        what = (", ".join(f"{n.replace('_', ' ')} is {float(values[n].detach()):g}" for n in bad) if bad
+                else f"another rank's {' or '.join(n.replace('_', ' ') for n in names)} is not finite")
+        raise FloatingPointError(f"{what} at step {step}; stopping before the update. The last checkpoint is "
+                                 "kept. Try a lower learning rate or --dtype float32.")
+
+
+class StepBoundaryInterrupt:
+    """Ctrl-C during a training step takes effect at the end of the step.
+
+    A KeyboardInterrupt raised inside a step (in `opt.step()`, or between the weights' update and the EMA's)
+    would leave a half-applied update for the interrupt checkpoint to save, and the resumed run would not be the
+    run it continues. Between `install()` and `restore()` SIGINT only sets `requested`; the loop calls `check()`
+    after each step, which raises KeyboardInterrupt with `at_boundary` set, so the state is safe to save. A
+    second Ctrl-C interrupts at once (`at_boundary` stays False: save nothing). Under DDP `check` lets the ranks
+    agree, so all stop after the same step. Where SIGINT is ignored (a background job) or cannot be handled
+    (not the main thread) it changes nothing.
+    """
+
+    def __init__(self, info: DistInfo | None = None):
+        self.info = info
+        self.requested = self.at_boundary = False
+        self._installed, self._previous = False, None
+
+    def install(self) -> StepBoundaryInterrupt:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not \
+                signal.SIG_IGN:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def restore(self) -> None:
+        """Put the previous SIGINT handler back (call it in a `finally`)."""
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt  # the second Ctrl-C: now, whatever the state
+        self.requested = True
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt (at a step boundary) if Ctrl-C was pressed on this rank or any other."""
+        requested = self.requested
+        if self.info is not None and self.info.enabled:
+            flag = torch.tensor(1.0 if requested else 0.0, device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = flag.item() > 0
+        if requested:
+            self.at_boundary = True
+            raise KeyboardInterrupt
 
 
 def batch_seed(seed: int, first_index: int) -> int:
