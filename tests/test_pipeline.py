@@ -86,6 +86,8 @@ def test_defaults_come_from_the_generator_config(pipe):
 
 def test_class_names_and_labels(pipe):
     assert pipe.class_ids(["Ring", "circle", 1, "2"]) == [2, 0, 1, 2]
+    assert pipe.class_ids(np.int64(1)) == pipe.class_ids(torch.tensor(1)) == pipe.class_ids("square") == [1]
+    assert pipe.class_ids(np.array([2, 0])) == pipe.class_ids([np.int64(2), torch.tensor(0)]) == [2, 0]
     by_name = pipe(["ring", "square"], generator=gen(4), output_type="pt", progress=False).images
     by_id = pipe([2, 1], generator=gen(4), output_type="pt", progress=False).images
     assert torch.equal(by_name, by_id)

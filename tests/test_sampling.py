@@ -129,6 +129,8 @@ def test_model_defaults_and_user_errors():
         generate(model, torch.tensor([5]), progress=False)  # 5 is the null class, not a valid label
     with pytest.raises(UserError):
         generate(model, torch.tensor([0]), cfg_scale=0.5, progress=False)
+    with pytest.raises(UserError, match="cfg scale"):
+        generate(model, torch.tensor([0]), cfg_scale=float("nan"), progress=False)  # not silently unguided
     with pytest.raises(UserError):
         generate(model, torch.tensor([0]), cfg_schedule="cosine", progress=False)
     with pytest.raises(UserError, match="class dropout"):  # its null class was never trained

@@ -128,6 +128,32 @@ def test_teacher_forced_equals_cached_and_cache_free(grid, parallel):
     torch.testing.assert_close(torch.stack(free, 1), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grid,parallel,class_tokens", [((4, 4), 1, 3), ((4, 4), 4, 3), ((8, 8), 16, 1),
+                                                        ((16, 16), 4, 64), ((8, 8), 64, 4)])
+def test_decode_steps_need_no_mask(grid, parallel, class_tokens):
+    """decode_step passes no mask (so SDPA may use its fast kernels): each step's rows of the block-causal mask
+    must see every key up to the step's end."""
+    model = make(grid_size=grid, parallel=parallel, class_tokens=class_tokens)
+    for step in range(1, model.config.num_steps):
+        start, end = model._step_span(step)
+        assert end - start == parallel and bool(model.attn_mask[start:end, :end].all()), step
+
+
+def test_a_bf16_cast_model_samples_and_keeps_fp32_rope():
+    from bitdance.sampling import generate
+
+    model = make(parallel=4).eval()
+    rope = model.rope_cos.clone()
+    model.to(torch.bfloat16)
+    assert model.norm.weight.dtype == torch.bfloat16 and torch.equal(model.rope_cos, rope)  # tables not rounded
+    labels = torch.tensor([0, 1])
+    cached = generate(model, labels, generator=torch.Generator().manual_seed(0), progress=False)
+    free = generate(model, labels, generator=torch.Generator().manual_seed(0), progress=False, use_cache=False)
+    assert cached.shape == (2, 8, 4, 4) and torch.equal(cached, free)
+    model.float()
+    assert model.rope_cos.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("parallel", [1, 4])
 def test_conditions_depend_only_on_earlier_patches(parallel):
     """Flipping a token of patch k changes the conditions of patches > k only; the class changes all of them."""
@@ -203,8 +229,11 @@ def test_grad_checkpointing_matches():
     lb = b(tokens, labels, generator=torch.Generator().manual_seed(3))
     la.backward()
     lb.backward()
+    assert b.head.net.gradient_checkpointing and not a.head.net.gradient_checkpointing  # the head's blocks too
     assert torch.allclose(la, lb)
     assert torch.allclose(a.layers[0].attention.wqkv.weight.grad, b.layers[0].attention.wqkv.weight.grad, atol=1e-6)
+    assert torch.allclose(a.head.net.res_blocks[0].w1.weight.grad, b.head.net.res_blocks[0].w1.weight.grad,
+                          atol=1e-6)
 
 
 def test_config_errors():
@@ -220,6 +249,8 @@ def test_config_errors():
         T.tiny(cfg_scale=0.5)
     with pytest.raises(UserError, match="num_sampling_steps"):
         T.tiny(num_sampling_steps=0)
+    with pytest.raises(UserError, match="cfg_scale"):  # NaN compares False both ways
+        T.tiny(cfg_scale=float("nan"))
 
 
 # -- official layout and parameter counts -------------------------------------------------------

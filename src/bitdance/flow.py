@@ -83,9 +83,9 @@ class RectifiedFlow:
         """(n,) training times in (0, 1): logit-normal or uniform, then the optional shift."""
         c = self.config
         if c.time_schedule == "logit_normal":
-            t = (torch.randn(n, generator=generator, device=device) * c.P_std + c.P_mean).sigmoid()
+            t = (random_on("normal", (n,), generator, device) * c.P_std + c.P_mean).sigmoid()
         else:
-            t = torch.rand(n, generator=generator, device=device)
+            t = random_on("uniform", (n,), generator, device)
         return t if c.time_shift == 1.0 else time_shift_sana(t, c.time_shift)  # official: shifted only if s != 1
 
     @staticmethod
@@ -113,7 +113,7 @@ class RectifiedFlow:
         x = x.float()
         with torch.no_grad(), fp32_island(x.device.type):
             t = self.sample_t(x.shape[0], x.device, generator)  # (n,)
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            eps = random_on("normal", x.shape, generator, x.device)
             z = self.interpolate(x, eps, t)  # (n, ..., k)
             v = self.velocity(x, z, t)
         v_hat = self.velocity(net_fn(z, t).float(), z, t)  # the net under the caller's autocast, v_hat in fp32

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bitdance.models.autoencoder import ImageTokenizer
@@ -163,12 +164,12 @@ class BitDancePipeline:
 
     def class_ids(self, labels) -> list[int]:
         """Class ids from ints or class names (case-insensitive); UserError on an unknown one."""
-        if isinstance(labels, (int, str)) or (torch.is_tensor(labels) and labels.dim() == 0):
+        if isinstance(labels, str) or np.ndim(labels) == 0:  # one label: int, str, NumPy scalar, 0-d tensor
             labels = [labels]
         lookup = {name.lower(): i for i, name in enumerate(self.class_names)}
         ids = []
         for lab in labels:
-            if torch.is_tensor(lab):
+            if torch.is_tensor(lab) or isinstance(lab, np.integer):
                 lab = int(lab)
             if isinstance(lab, str):  # a name first: class folders may be named "1", "10", "2"
                 if lab.lower() in lookup:
@@ -187,8 +188,9 @@ class BitDancePipeline:
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  output_type: str = "pil", progress: bool = True, return_dict: bool = True,
                  cfg_schedule: str | None = None, use_cache: bool = True):
-        """One image per class label (ids or names; None: one per class). The generator must live on the
-        pipeline's device. num_inference_steps = head (flow) steps per AR step."""
+        """One image per class label (ids or names; None: one per class). The generator may live on the CPU or
+        on the pipeline's device (a CPU generator gives the same images on any device, up to rounding).
+        num_inference_steps = head (flow) steps per AR step."""
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         ids = list(range(self.num_classes)) if class_labels is None else self.class_ids(class_labels)

@@ -42,7 +42,7 @@ def generate(
     num_steps = c.num_sampling_steps if num_steps is None else int(num_steps)
     cfg_scale = c.cfg_scale if cfg_scale is None else float(cfg_scale)
     cfg_schedule = check_cfg_schedule(c.cfg_schedule if cfg_schedule is None else cfg_schedule)
-    if cfg_scale < 1.0:
+    if not cfg_scale >= 1.0:  # NaN too: it would compare False both ways and sample unguided
         raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
     if cfg_scale > 1.0 and c.class_dropout == 0:
         raise UserError(f"cfg scale {cfg_scale:g} needs a model trained with class dropout: this one never saw its "

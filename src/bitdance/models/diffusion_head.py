@@ -207,7 +207,7 @@ class _Encoder(nn.Module):
         for i, block in enumerate(self.res_blocks):
             if i % self.switch == 0:
                 mods = self.ada_ln_blocks[i // self.switch](y).chunk(self.n_mod, dim=-1)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, *mods, use_reentrant=False)
             else:
                 x = block(x, *mods)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bitdance.utils import PretrainedMixin, UserError
+from bitdance.utils import PretrainedMixin, UserError, random_on
 
 PARALLEL_CHOICES = (1, 4, 16, 64)
 CFG_SCHEDULES = ("linear", "constant")  # guidance over the AR steps: ramp 1 -> s (ImageNet), or constant (T2I)
@@ -91,7 +91,7 @@ class BitDanceConfig:
         if self.class_tokens < 1:
             raise UserError("class_tokens must be >= 1")
         # the sampling defaults saved with the model: caught here, not at the first `bitdance sample` after training
-        if self.cfg_scale < 1:
+        if not self.cfg_scale >= 1:  # NaN too
             raise UserError(f"cfg_scale must be >= 1 (1 turns guidance off), got {self.cfg_scale}")
         if self.num_sampling_steps < 1:
             raise UserError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
@@ -293,6 +293,28 @@ class BitDance(nn.Module, PretrainedMixin):
         self.grad_checkpointing = c.grad_checkpointing
         self._init_weights()
 
+    def _apply(self, fn, recurse=True):
+        tables = self.rope_cos, self.rope_sin  # fp32
+        super()._apply(fn, recurse)
+        # a cast of the whole model (.to(torch.bfloat16), .half()) must not round the RoPE tables to 8 bits of
+        # mantissa: they follow the device, not the dtype (the official freqs_cis stays fp32 too)
+        if tables[0].device.type != "meta":
+            device = self.rope_cos.device
+            self.rope_cos, self.rope_sin = tables[0].to(device), tables[1].to(device)
+        return self
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Recompute activations in the backward pass (memory for compute): the trunk's layers and the head's."""
+        return self._grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        self._grad_checkpointing = bool(on)
+        for m in self.head.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = bool(on)
+
     def _init_weights(self):
         for name, m in self.named_modules():
             if name == "head" or name.startswith("head."):
@@ -328,7 +350,7 @@ class BitDance(nn.Module, PretrainedMixin):
         if force_drop is not None:
             return torch.where(force_drop.bool(), self.null_class, labels)
         if self.training and self.config.class_dropout > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.config.class_dropout
+            drop = random_on("uniform", labels.shape, generator, labels.device) < self.config.class_dropout
             labels = torch.where(drop, self.null_class, labels)
         return labels
 
@@ -337,11 +359,15 @@ class BitDance(nn.Module, PretrainedMixin):
         rate = self.config.perturb_rate
         if rate <= 0:
             return tokens
-        u1 = torch.rand(tokens.shape, generator=generator, device=tokens.device)
-        u2 = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+        u1 = random_on("uniform", tokens.shape, generator, tokens.device)
+        u2 = random_on("uniform", tokens.shape, generator, tokens.device)
         return torch.where(u1 < rate * u2, -tokens, tokens)
 
     # -- trunk ------------------------------------------------------------------------------------
+
+    def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """±1 tokens (b, L, k) -> (b, L, d); the fp32 bits are cast to the weights' dtype (a bf16-cast model)."""
+        return self.proj_in(tokens.to(self.proj_in.w1.weight.dtype))
 
     def _prefix(self, class_ids: torch.Tensor) -> torch.Tensor:
         """(b,) -> (b, C + P - 1, d): class tokens (row-major split of the C*d embedding) + query tokens."""
@@ -369,7 +395,7 @@ class BitDance(nn.Module, PretrainedMixin):
     def _teacher_forced(self, inputs: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
         """inputs (b, n, k) patch order -> head conditions (b, n, d) for every target token, pos_for_diff added."""
         c = self.config
-        x = self.proj_in(inputs[:, : c.num_tokens - c.parallel])  # (b, n-P, d)
+        x = self._embed_tokens(inputs[:, : c.num_tokens - c.parallel])  # (b, n-P, d)
         prefix = self._prefix(class_ids)
         x = torch.cat([prefix, x.to(prefix.dtype)], dim=1)  # (b, L, d); same dtypes as the cached path
         if c.parallel == 1:
@@ -444,8 +470,12 @@ class BitDance(nn.Module, PretrainedMixin):
         if step < 1:
             raise ValueError("decode_step starts at step 1; step 0 is prefill")
         start, end = self._step_span(step)
-        x = self.proj_in(new_tokens)  # (b, p, d)
-        out = self._trunk(x, start, self.attn_mask[start:end, :end], use_cache=True)
+        if self._cache_batch != new_tokens.shape[0]:
+            raise RuntimeError("call setup_cache(batch) and prefill with this batch size first")
+        x = self._embed_tokens(new_tokens)  # (b, p, d)
+        # a whole block attending to every earlier position: the block-causal mask is all True here, and no mask
+        # lets SDPA pick its fast kernels (tests/test_transformer.py checks the mask slice)
+        out = self._trunk(x, start, None, use_cache=True)
         return self._step_output(out, step)
 
     def prefix_conditions(self, class_ids: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
@@ -455,7 +485,7 @@ class BitDance(nn.Module, PretrainedMixin):
         _, end = self._step_span(step)
         x = self._prefix(class_ids)
         if step > 0:
-            x = torch.cat([x, self.proj_in(prev_tokens).to(x.dtype)], dim=1)  # (b, end, d)
+            x = torch.cat([x, self._embed_tokens(prev_tokens).to(x.dtype)], dim=1)  # (b, end, d)
         out = self._trunk(x, 0, self.attn_mask[:end, :end])
         return self._step_output(out, step)
 
