@@ -15,6 +15,7 @@ from bitdance.data import (
     eval_indices,
     load_dataset,
     load_image,
+    load_image_array,
     read_idx,
 )
 from bitdance.utils import UserError
@@ -200,3 +201,16 @@ def test_broken_idx_files_are_user_errors(tmp_path):
     _write_idx(path, np.zeros((0, 28, 28)))
     with pytest.raises(UserError, match="no images"):
         read_idx(path)
+
+
+def test_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    grey = load_image_array(tmp_path / "deep.png", 32, 1)[0]  # (H, W) uint8
+    np.testing.assert_allclose(grey.astype(float), ramp / 257.0, atol=0.51)  # full range, not 99% white
+    rgb = load_image_array(tmp_path / "deep.png", 32, 3)
+    assert rgb.shape == (3, 32, 32) and (rgb == grey[None]).all()
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(UserError, match="float.tiff.*mode F"):
+        load_image_array(tmp_path / "float.tiff", 32, 1)

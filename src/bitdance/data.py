@@ -345,6 +345,10 @@ def load_image_array(path: str | os.PathLike, resolution: int, channels: int) ->
         raise UserError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.mode == "F":
+                raise ValueError("floating-point pixels (mode F) have no agreed range; save the image as 8 or 16 bits")
+            if im.mode.startswith("I"):  # 16-bit greyscale: convert("L") would clip at 255, not rescale
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
             im = im.convert("L" if channels == 1 else "RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path}: {_short(e)}")
