@@ -119,3 +119,20 @@ def test_lpips_builds_offline_and_loads_a_local_file(tmp_path):
     assert (loaded(x, y) > 0).all()
     with pytest.raises(UserError, match="not found"):
         LPIPS(LPIPSConfig(str(tmp_path / "missing.pt")))
+
+    # lpips.LPIPS(net="vgg").state_dict(): VGG in slices that keep torchvision's indices, plus its scaling layer
+    slices = {1: range(0, 4), 2: range(4, 9), 3: range(9, 16), 4: range(16, 23), 5: range(23, 30)}
+    package = {f"lin{j}.model.1.weight": net.lins[j].weight.abs() for j in range(5)}
+    package |= {f"scaling_layer.{n}": torch.zeros(1, 3, 1, 1) for n in ("shift", "scale")}
+    package |= {f"net.slice{s}.{k}": v for k, v in net.features.state_dict().items()
+                for s, idx in slices.items() if int(k.split(".")[0]) in idx}
+    torch.save(package, tmp_path / "lpips_package.pt")
+    from_package = LPIPS(LPIPSConfig(str(tmp_path / "lpips_package.pt")))
+    assert torch.equal(from_package(x, y), loaded(x, y))
+    heads_only = {f"lin{j}.model.1.weight": net.lins[j].weight for j in range(5)}  # lpips' own vgg.pth
+    torch.save(heads_only, tmp_path / "vgg.pth")
+    with pytest.raises(UserError, match="holds no VGG16 weights"):
+        LPIPS(LPIPSConfig(str(tmp_path / "vgg.pth")))
+    torch.save({**state, "lins.0.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="lins.0.weight has shape"):
+        LPIPS(LPIPSConfig(str(tmp_path / "bad.pt")))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitdance.utils import UserError, load_checkpoint, read_safetensors
+from bitdance.utils import UserError, check_state_shapes, load_checkpoint, read_safetensors
 
 # ----------------------------------------------------------------------------------------------
 # PatchGAN discriminator
@@ -146,8 +146,10 @@ class LPIPS(nn.Module):
     Expected file (torch .pt/.pth with plain tensors, or .safetensors), one state dict holding:
       - `features.<i>.weight` / `features.<i>.bias`: torchvision `vgg16().features` numbering (i = 0, 2, 5, ...,
         28), e.g. `{k: v for k, v in vgg16(weights=...).features.state_dict().items()}` prefixed with `features.`;
-      - `lins.<j>.weight` (1, C_j, 1, 1), j = 0..4: the LPIPS linear heads. The official LPIPS names
-        `lin<j>.model.1.weight` (and `net.slice*`-free VGG keys `vgg.features.<i>.*`) are renamed on load.
+      - `lins.<j>.weight` (1, C_j, 1, 1), j = 0..4: the LPIPS linear heads.
+    The `lpips` package's names load too: `lpips.LPIPS(net="vgg").state_dict()` (`net.slice<s>.<i>.*`, which keep
+    torchvision's indices, `lin<j>.model.1.weight`; its `scaling_layer` is our constant input scaling), or
+    `vgg.features.<i>.*`. The package's own `vgg.pth` holds only the heads: add the VGG16 weights to it.
     """
 
     def __init__(self, config: LPIPSConfig):
@@ -166,7 +168,12 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
         if config.weights is not None:
-            self.load_state_dict(load_lpips_state(config.weights), strict=True)
+            state = load_lpips_state(config.weights)
+            if not any(k.startswith("features.") for k in state):
+                raise UserError(f"{config.weights} holds no VGG16 weights (only the LPIPS heads, as lpips' vgg.pth "
+                                "does?): add torchvision's vgg16 features.* tensors to the file")
+            check_state_shapes(self, state, str(config.weights), "LPIPS-VGG16")
+            self.load_state_dict(state, strict=True)
         self.requires_grad_(False)
         self.eval()
 
@@ -203,7 +210,11 @@ def load_lpips_state(path: str | os.PathLike) -> dict:
     out = {}
     for k, v in state.items():
         k = k.removeprefix("module.").removeprefix("net.").removeprefix("vgg.")
+        if k.startswith("scaling_layer."):  # lpips.LPIPS's input scaling: our constant buffers, same values
+            continue
         if k.startswith("lin") and ".model." in k:  # official: lin3.model.1.weight -> lins.3.weight
             k = f"lins.{k[3]}.weight"
+        elif k.startswith("slice"):  # lpips.LPIPS's VGG slices keep torchvision's indices: slice2.5.* -> features.5.*
+            k = "features." + k.split(".", 1)[1]
         out[k] = v
     return out
