@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 
@@ -6,7 +7,7 @@ import torch
 
 import bitdance.train_tokenizer as tt
 from bitdance.data import SyntheticImages
-from bitdance.models.autoencoder import ImageTokenizer
+from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
 from bitdance.train_tokenizer import TokenizerTrainConfig, run
 from bitdance.utils import UserError, load_checkpoint
 
@@ -59,23 +60,42 @@ def test_training_lowers_the_loss_and_exports(data_dir, tmp_path):
     assert not all(torch.equal(v, state["model"][k]) for k, v in tok.state_dict().items())
 
 
+def _run_with_ctrl_c_in_step(cfg, step, monkeypatch):
+    """Run `cfg` with a Ctrl-C landing inside step `step`, after the weights' update and before the EMA's."""
+    calls, update_ema = [], tt.update_ema
+
+    def update_then_ctrl_c(ema, model, decay):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)
+        update_ema(ema, model, decay)
+
+    with monkeypatch.context() as m:
+        m.setattr(tt, "update_ema", update_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg)
+
+
+def test_gan_decoder_noise_is_seeded_per_step_so_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    gan = dataclasses.replace(TOKENIZER_PRESETS["tiny"](), gan_decoder=True)
+    ImageTokenizer(gan).save_pretrained(tmp_path / "init")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torch.manual_seed(1)  # the global RNG must not matter
+    run(_cfg(data_dir, straight, steps=4, init_from=str(tmp_path / "init")))
+    torch.manual_seed(2)
+    _run_with_ctrl_c_in_step(_cfg(data_dir, split, steps=4, init_from=str(tmp_path / "init")), 2, monkeypatch)
+    run(_cfg(data_dir, split, steps=4, init_from=str(tmp_path / "init")))
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-6), k
+
+
 def test_resume_continues_from_the_saved_step_and_matches_one_run(data_dir, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     run(_cfg(data_dir, straight, steps=6))
 
-    calls, update_ema = [], tt.update_ema
-
-    def ctrl_c_in_step_4(ema, model, decay):  # Ctrl-C lands after the weights' update, before the EMA's
-        calls.append(1)
-        if len(calls) == 4:
-            signal.raise_signal(signal.SIGINT)
-        update_ema(ema, model, decay)
-
     split = tmp_path / "split"
-    with monkeypatch.context() as m:
-        m.setattr(tt, "update_ema", ctrl_c_in_step_4)
-        with pytest.raises(KeyboardInterrupt):
-            run(_cfg(data_dir, split, steps=6))
+    _run_with_ctrl_c_in_step(_cfg(data_dir, split, steps=6), 4, monkeypatch)
     assert load_checkpoint(split / "checkpoint.pt")["step"] == 4  # step 4 was finished, then saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handler is gone
     run(_cfg(data_dir, split, steps=6))  # auto-resume from split/checkpoint.pt

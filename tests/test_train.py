@@ -198,6 +198,13 @@ def test_ctrl_c_inside_a_step_saves_that_step_whole_and_resumes_exactly(tokenize
             assert torch.equal(v, b[key][k]), (key, k)
 
 
+def test_unreadable_training_images_are_named_in_the_run_log(tokenizer_dir, tmp_path):
+    data = write_images(tmp_path / "data", 8, 4)
+    (data / "circle" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    run(cfg(tokenizer_dir, data, tmp_path / "run", steps=1))
+    assert "corrupt.png" in (tmp_path / "run" / "log.txt").read_text()
+
+
 def test_nan_loss_stops_the_run(tokenizer_dir, data_dir, tmp_path, monkeypatch):
     def nan_forward(self, tokens, labels, generator=None):
         return self.proj_in.w1.weight.sum() * float("nan")

@@ -14,6 +14,7 @@ from bitdance.utils import (
     cosine_lr,
     ensure_output_dir,
     find_resume_checkpoint,
+    get_logger,
     load_checkpoint,
     save_checkpoint,
     update_ema,
@@ -184,3 +185,11 @@ def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not():
         interrupt.restore()
     assert signal.getsignal(signal.SIGINT) is before
     StepBoundaryInterrupt().check()  # nothing pressed: no-op
+
+
+def test_other_ranks_print_warnings_only_tagged_with_their_rank(capsys):
+    logger = get_logger(is_main=False, name="bitdance.test_rank", rank=3)
+    logger.info("step 10: loss 0.3")
+    logger.warning("skipping unreadable image a.png")
+    err = capsys.readouterr().err
+    assert "rank 3] skipping unreadable image a.png" in err and "loss" not in err

@@ -52,12 +52,13 @@ from bitdance.utils import (
     ema_decay_at,
     find_resume_checkpoint,
     first_line,
-    get_logger,
     init_distributed,
     load_checkpoint,
     plot_curves,
+    run_logger,
     save_checkpoint,
     save_image_grid,
+    step_seed,
     update_ema,
     write_json,
 )
@@ -115,7 +116,9 @@ def run(config: TrainConfig) -> Path:
     """Train a BitDance generator on a frozen tokenizer's codes; returns `out/model` (the pipeline folder)."""
     info = init_distributed(config.device)
     try:
-        return _train(config, Path(config.out), info)
+        _validate(config, info.world_size)
+        with run_logger(config.out, info, "bitdance.train") as logger:
+            return _train(config, Path(config.out), info, logger)
     finally:
         cleanup_distributed(info)
 
@@ -322,12 +325,10 @@ class LossLog(JsonlLog):
 # ----------------------------------------------------------------------------------------------
 
 
-def _train(cfg: TrainConfig, out: Path, info) -> Path:
+def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
     # -- setup ---------------------------------------------------------------------------------
-    _validate(cfg, info.world_size)
     device, main = info.device, info.is_main
     local_batch = cfg.batch_size // info.world_size
-    logger = get_logger(out if main else None, is_main=main, name="bitdance.train")
     tokenizer = load_tokenizer(cfg.tokenizer, device)
     tok_key = tokenizer_fingerprint(tokenizer)
     # the model settings (--cfg, --sample-steps, --model-arg) fail now, not after minutes of encoding; the class
@@ -407,7 +408,7 @@ def _train(cfg: TrainConfig, out: Path, info) -> Path:
             lr = schedule_lr(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
-            gen.manual_seed((cfg.seed * info.world_size + info.rank) * 1_000_003 + step)
+            gen.manual_seed(step_seed(cfg.seed, info, step))
             x, y = next(batches)  # (b, v, n, k) int8, (b,)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.shape[1] > 1:  # --hflip: each sample picks the original or the mirrored image's tokens

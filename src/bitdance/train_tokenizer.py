@@ -18,7 +18,6 @@ Run folder:
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,12 +54,13 @@ from bitdance.utils import (
     ema_decay_at,
     find_resume_checkpoint,
     first_line,
-    get_logger,
     init_distributed,
     load_checkpoint,
     plot_curves,
+    run_logger,
     save_checkpoint,
     save_image_grid,
+    step_seed,
     update_ema,
     write_json,
 )
@@ -155,18 +155,8 @@ def run(config: TokenizerTrainConfig) -> Path:
 
 
 def _train(cfg: TokenizerTrainConfig, out: Path, info) -> Path:
-    logger = get_logger(out if info.is_main else None, is_main=info.is_main, name="bitdance.train_tokenizer")
-    # data warnings (unreadable files, by name) go to the run's log too
-    data_log = logging.getLogger("bitdance.data")
-    data_log.handlers = list(logger.handlers)
-    data_log.propagate = False
-    try:
+    with run_logger(out, info, "bitdance.train_tokenizer") as logger:
         return _train_loop(cfg, out, info, logger)
-    finally:
-        data_log.handlers = []
-        data_log.propagate = True
-        for h in logger.handlers:
-            h.close()
 
 
 def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
@@ -297,6 +287,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             logger.info("step %d: loss %.4f, l1 %.4f, %.0f img/s", step, row["loss"], row["l1"], row["img_per_s"])
         sums, n_since, train_s_logged = {}, 0, train_s
     model.train()
+    gen = torch.Generator(device=device)  # the GAN decoder's noise: reseeded every step, so resume is exact
     interrupt = StepBoundaryInterrupt(info).install()
     try:
         while step < cfg.steps:
@@ -315,7 +306,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             use_gan = train_disc and step >= cfg.disc_start + cfg.disc_warmup  # the decoder feels the GAN
 
             with autocast(device, cfg.dtype):
-                out_t = net(images)
+                out_t = net(images, generator=gen.manual_seed(step_seed(cfg.seed, info, step)))
             rec = out_t.reconstruction.float()  # (b, c, H, W)
             q = out_t.quant
             terms = {"l1": (rec - images).abs().mean(), "entropy": q.entropy_loss.float(),

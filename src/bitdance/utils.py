@@ -373,6 +373,12 @@ class StepBoundaryInterrupt:
             raise KeyboardInterrupt
 
 
+def step_seed(seed: int, info: DistInfo, step: int) -> int:
+    """Seed of a training step's random draws on this rank: a function of (seed, rank, step) alone, so a resumed
+    run draws what the uninterrupted run would have, and no two ranks share noise."""
+    return (seed * info.world_size + info.rank) * 1_000_003 + step
+
+
 def batch_seed(seed: int, first_index: int) -> int:
     """Seed of the sampling batch whose first image has global index `first_index`: no two batches (of a run
     or of runs with other seeds below 1,000,003 images) share noise, and any batch can be redrawn alone."""
@@ -488,14 +494,19 @@ def cleanup_distributed(info: DistInfo) -> None:
 
 
 def get_logger(
-    run_dir: str | os.PathLike | None = None, is_main: bool = True, name: str = "bitdance"
+    run_dir: str | os.PathLike | None = None, is_main: bool = True, name: str = "bitdance", rank: int = 0
 ) -> logging.Logger:
-    """Log to stderr and run_dir/log.txt on the main rank; silent elsewhere."""
+    """Log to stderr and run_dir/log.txt on the main rank; the other ranks print warnings only, tagged."""
     logger = logging.getLogger(f"{name}.{run_dir}" if run_dir else name)
     logger.handlers.clear()
     logger.propagate = False
+    logger.setLevel(logging.INFO)
     if not is_main:
-        logger.addHandler(logging.NullHandler())
+        # quiet, but a warning raised there (an unreadable image that rank decoded) must still reach the user
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", datefmt="%H:%M:%S"))
+        stream.setLevel(logging.WARNING)
+        logger.addHandler(stream)
         return logger
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     stream = logging.StreamHandler(sys.stderr)
@@ -506,8 +517,24 @@ def get_logger(
         fh = logging.FileHandler(Path(run_dir) / "log.txt")
         fh.setFormatter(fmt)
         logger.addHandler(fh)
-    logger.setLevel(logging.INFO)
     return logger
+
+
+@contextlib.contextmanager
+def run_logger(run_dir: str | os.PathLike, info: DistInfo, name: str):
+    """A training run's logger (`get_logger` for this rank), with the data loader's warnings (unreadable files,
+    by name) sent to the same places, log.txt included; on exit the files are closed and `bitdance.data` is
+    restored."""
+    logger = get_logger(run_dir if info.is_main else None, is_main=info.is_main, name=name, rank=info.rank)
+    data_log = logging.getLogger("bitdance.data")
+    saved = data_log.handlers, data_log.propagate
+    data_log.handlers, data_log.propagate = list(logger.handlers), False
+    try:
+        yield logger
+    finally:
+        data_log.handlers, data_log.propagate = saved
+        for handler in logger.handlers:
+            handler.close()
 
 
 class JsonlLog:
