@@ -143,6 +143,20 @@ def test_fid_zero_on_itself_and_grows_with_noise():
     assert precisions[2] < precisions[0]
 
 
+def test_precision_recall_subset_does_not_depend_on_the_sample_order():
+    """Sample files come in label order (sample-ddp, `bitdance sample --out x.npz`): a precision/recall subset
+    taken from the first rows would see the first classes only and report a recall of about 1/3 here."""
+    ext = tiny_extractor()
+    x, y = separable_images(300, size=16, seed=0)  # 3 classes
+    images = x[np.argsort(y, kind="stable")][..., None]  # (300, 16, 16, 1), label order
+    stats = compute_reference_stats(ListDataset(images), ext, keep_features=90, progress=False)
+    r = fid_from_images(stats, [images[:150], images[150:]], ext, keep_features=90, progress=False)
+    assert abs(r["fid"]) < 1e-6 and r["pr_features"]["fake"] == 90
+    assert r["recall"] > 0.8, r
+    skipped = fid_from_images(stats, [images], ext, keep_features=0, progress=False)
+    assert skipped["precision"] is None and skipped["recall"] is None and abs(skipped["fid"]) < 1e-6
+
+
 def test_precision_recall_and_inception_score_math():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(50, 4, generator=g)
@@ -303,6 +317,16 @@ def test_cli_eval_fid_end_to_end(idx_folder, tmp_path, capsys):
     assert main(argv[:3] + [str(tmp_path / "none.npz")] + argv[4:]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bitdance: error:") and "none.npz" in err and "\n" not in err
+    for flag, value, message in (("--pr-features", "-1", "--pr-features must be >= 0"),
+                                 ("--num-reference", "-5", "--num-reference must be at least 2")):
+        assert main([*argv, flag, value]) == 2 and message in capsys.readouterr().err
+    # --num-samples takes an even stride through the file (written in label order), not its first rows
+    ordered = np.argsort(y, kind="stable")
+    save_npz(tmp_path / "ordered.npz", samples[ordered], y[ordered])
+    assert main([*argv[:3], str(tmp_path / "ordered.npz"), *argv[4:], "--num-samples", "6", "--out",
+                 str(tmp_path / "sub.json")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "sub.json").read_text())["num_samples"] == 6
 
 
 def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeypatch):

@@ -83,6 +83,8 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 def _load_samples(args, num_classes: int | None, device):
     """(images uint8 (n, H, W, c), labels or None, source description) from --samples or --model."""
+    import numpy as np
+
     from bitdance.evaluation.npz import generate_samples, load_npz, save_npz
 
     if args.batch_size < 1:
@@ -99,8 +101,10 @@ def _load_samples(args, num_classes: int | None, device):
         if args.num_samples is not None:
             if args.num_samples > images.shape[0]:
                 raise UserError(f"--num-samples {args.num_samples}: {args.samples} holds {images.shape[0]}")
-            images = images[:args.num_samples]
-            labels = labels[:args.num_samples] if labels is not None else None
+            # an even stride, not the first N: sample files are often written in label order
+            pick = np.linspace(0, images.shape[0] - 1, args.num_samples).round().astype(np.int64)
+            images = images[pick]
+            labels = labels[pick] if labels is not None else None
         return images, labels, {"samples": args.samples, "num_samples": int(images.shape[0])}
     images, labels, settings = generate_samples(
         args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes,
@@ -136,6 +140,10 @@ def run_fid(args) -> int:
     from bitdance.utils import resolve_device
 
     device = resolve_device(args.device)
+    if args.pr_features < 0:
+        raise UserError(f"--pr-features must be >= 0 (0 skips precision/recall), got {args.pr_features}")
+    if args.num_reference is not None and args.num_reference < 2:
+        raise UserError(f"--num-reference must be at least 2, got {args.num_reference}")
     require_torchmetrics()  # fail on a missing extra or missing weights before any sampling
     extractor = InceptionFeatures(args.inception)
     num_classes = _data_classes(args.data, args.split) if args.model else None

@@ -169,37 +169,59 @@ def _extract(extractor: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 class _FeatureTap(nn.Module):
-    """The module torchmetrics sees: runs the extractor once and keeps the first `keep` features/logits."""
+    """The module torchmetrics sees: runs the extractor once and keeps `keep` features (and all logits).
 
-    def __init__(self, extractor: nn.Module, num_features: int, keep: int):
+    `reservoir_seed` None keeps the first `keep` features (the caller has shuffled the stream); an int keeps a
+    uniform random subset whatever the order (reservoir sampling), so precision/recall of a sample file written
+    in label order do not see only its first classes.
+    """
+
+    def __init__(self, extractor: nn.Module, num_features: int, keep: int, reservoir_seed: int | None = None):
         super().__init__()
         self.extractor = extractor
         self.num_features = num_features
         self.keep = keep
-        self.features: list[torch.Tensor] = []
+        self.kept_rows = torch.empty(keep, num_features)  # (keep, d)
         self.logits: list[torch.Tensor] = []
-        self.kept = 0
+        self.seen = 0
+        self.gen = None if reservoir_seed is None else torch.Generator().manual_seed(reservoir_seed)
+
+    @property
+    def kept(self) -> int:
+        return min(self.seen, self.keep)
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.kept_rows[: self.kept]  # (m, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             feats, logits = _extract(self.extractor, x)  # (n, d), (n, C) | None
-        room = self.keep - self.kept
-        if room > 0:
-            self.features.append(feats[:room].cpu())
-            self.kept += min(room, feats.shape[0])
+        self._keep(feats.detach().float().cpu())
         if logits is not None:
             self.logits.append(logits.cpu())  # IS uses all samples
         return feats
 
+    def _keep(self, feats: torch.Tensor) -> None:
+        n, fill = feats.shape[0], max(0, min(self.keep - self.seen, feats.shape[0]))
+        self.kept_rows[self.seen : self.seen + fill] = feats[:fill]
+        if self.gen is not None and fill < n:  # Algorithm R: item i replaces slot j ~ U{0..i} if j < keep
+            index = torch.arange(self.seen + fill, self.seen + n, dtype=torch.float64)  # global indices
+            slots = (torch.rand(n - fill, generator=self.gen, dtype=torch.float64) * (index + 1)).long()
+            for r in (slots < self.keep).nonzero().flatten().tolist():  # in stream order: later ones win
+                self.kept_rows[slots[r]] = feats[fill + r]
+        self.seen += n
 
-def _make_metric(extractor: nn.Module, sample: torch.Tensor, keep: int, device: torch.device):
+
+def _make_metric(extractor: nn.Module, sample: torch.Tensor, keep: int, device: torch.device,
+                 reservoir_seed: int | None = None):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     num_features = getattr(extractor, "num_features", None)
     if num_features is None:
         with torch.no_grad():
             num_features = _extract(extractor, sample[:1].to(device))[0].shape[1]
-    tap = _FeatureTap(extractor, int(num_features), keep)
+    tap = _FeatureTap(extractor, int(num_features), keep, reservoir_seed)
     metric = FrechetInceptionDistance(feature=tap, reset_real_features=False, normalize=False).to(device)
     return metric, tap
 
@@ -288,7 +310,7 @@ def compute_reference_stats(dataset, extractor: nn.Module, batch_size: int = 50,
             metric, tap = _make_metric(extractor, imgs, keep_features, device)
         metric.update(imgs.to(device), real=True)
     return ReferenceStats(metric.real_features_sum.cpu(), metric.real_features_cov_sum.cpu(),
-                          int(metric.real_features_num_samples), torch.cat(tap.features))
+                          int(metric.real_features_num_samples), tap.features.clone())
 
 
 def default_cache_dir() -> Path:
@@ -382,7 +404,7 @@ def fid_from_images(real_stats: ReferenceStats, fake_images: Iterable, extractor
     for batch in tqdm(fake_images, desc="sample features", total=total, disable=not progress):
         imgs = to_uint8_nchw(batch)  # (b, c, H, W)
         if metric is None:
-            metric, tap = _make_metric(extractor, imgs, keep_features, device)
+            metric, tap = _make_metric(extractor, imgs, keep_features, device, reservoir_seed=0)
             metric.real_features_sum = real_stats.features_sum.to(device)
             metric.real_features_cov_sum = real_stats.cov_sum.to(device)
             metric.real_features_num_samples = torch.tensor(real_stats.count, device=device)
@@ -393,7 +415,9 @@ def fid_from_images(real_stats: ReferenceStats, fake_images: Iterable, extractor
         raise UserError(f"reference statistics have {metric.real_features_sum.shape[0]} features, "
                         f"the extractor gives {tap.num_features}")
     fid = float(metric.compute())
-    precision, recall = precision_recall(real_stats.features, torch.cat(tap.features), k=k)
+    precision = recall = None  # keep_features 0: no precision/recall
+    if tap.kept and real_stats.features.shape[0]:
+        precision, recall = precision_recall(real_stats.features, tap.features, k=k)
     result = {"fid": fid, "precision": precision, "recall": recall, "inception_score": None,
               "inception_score_std": None, "num_samples": int(metric.fake_features_num_samples),
               "num_reference": real_stats.count,
