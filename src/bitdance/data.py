@@ -228,6 +228,20 @@ def load_dataset(path: str | os.PathLike, resolution: int, channels: int | None 
     return load_folder(path, resolution, channels)
 
 
+def path_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap content key for a data folder: every file's relative name, size and modification time, nothing
+    decoded (a stat per file), so a cache keyed on it notices a folder rewritten in place."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            f = Path(dirpath) / name
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _find_idx(folder: Path, split: str) -> tuple[Path, Path] | None:
     if split not in IDX_FILES:
         return None
