@@ -290,6 +290,11 @@ def test_sample_ddp_two_gloo_processes_then_resume_in_one(tmp_path, capsys):
     # other settings into the same chunk folder are refused
     code, _, err = run_cli(["sample-ddp", "--model", dst, "--out", out, "--seed", "8", *SAMPLE_ARGS], capsys)
     assert code == 2 and "seed 7 -> 8" in err and err.count("\n") == 1
+    # so is another model converted into the same folder: neither the finished .npz nor the chunks are reused
+    assert run_cli(["convert-official", src, dst, "--tokenizer", tok, "--any-size", "--force", "--num-steps", "3"],
+                   capsys)[0] == 0
+    code, _, err = run_cli(["sample-ddp", "--model", dst, "--out", out, "--seed", "7", *SAMPLE_ARGS], capsys)
+    assert code == 2 and "model_files" in err
 
 
 def test_converted_model_samples_through_the_pipeline_cli(tmp_path, capsys):

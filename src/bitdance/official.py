@@ -375,9 +375,14 @@ def _chunk_path(chunk_dir: Path, start: int) -> Path:
     return chunk_dir / f"{start:07d}.npz"
 
 
-def _settings(cfg: SampleSetConfig, generator_config, num_classes: int) -> dict:
+def _settings(cfg: SampleSetConfig, generator_config, num_classes: int, device: torch.device) -> dict:
     """Everything that decides the pixels of a chunk; a resumed run must match it."""
-    return {"model": str(Path(cfg.model).resolve()), "per_class": cfg.per_class, "num_classes": num_classes,
+    from bitdance.data import path_fingerprint
+
+    # the model folder's files (a re-conversion at the same path is another model) and the device type (the
+    # generator's random stream differs between CPU and CUDA) decide the images as much as the numbers below
+    return {"model": str(Path(cfg.model).resolve()), "model_files": path_fingerprint(cfg.model),
+            "device": device.type, "per_class": cfg.per_class, "num_classes": num_classes,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype,
             "cfg_scale": generator_config.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
             "cfg_schedule": cfg.cfg_schedule or generator_config.cfg_schedule,
@@ -412,7 +417,7 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
         num_classes = gc.num_classes if cfg.num_classes is None else cfg.num_classes
         if not 1 <= num_classes <= gc.num_classes:
             raise UserError(f"--num-classes must be in 1..{gc.num_classes}, got {num_classes}")
-        settings = _settings(cfg, gc, num_classes)
+        settings = _settings(cfg, gc, num_classes, info.device)
         total = cfg.per_class * num_classes
         chunk_dir = out.with_suffix(".chunks")
         sidecar = chunk_dir / "settings.json"
