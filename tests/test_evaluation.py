@@ -194,6 +194,11 @@ def test_reference_stats_cached_once(idx_folder, tmp_path):
     # another count is another key, hence another file
     third, path3, cached3 = cached_reference_stats(idx_folder, ext, max_images=20, **kw)
     assert not cached3 and path3 != path and third.count == 20
+    # a cache folder that cannot be written: the statistics are still returned, with a warning
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    fifth, path5, cached5 = cached_reference_stats(idx_folder, ext, **{**kw, "cache_dir": blocked / "cache"})
+    assert not cached5 and fifth.count == 48 and torch.equal(fifth.cov_sum, first.cov_sum)
     # the same folder rewritten with other images: measured again, in the same cache file
     x, y = separable_images(40, size=14, seed=7)
     write_idx(idx_folder, "test", x, y)

@@ -23,7 +23,7 @@ from bitdance.commands.options import (
     config_from_args,
     print_from_main_rank,
 )
-from bitdance.utils import UserError
+from bitdance.utils import UserError, ensure_output_dir
 
 MODEL_HELP = "tokenizer folder, or a tokenizer/generator run or pipeline folder holding one (default: the built-in)"
 
@@ -140,8 +140,10 @@ def run_eval(args) -> int:
         raise UserError("--batch-size must be at least 1")
     tok, dev, path = _load_model(args.model, args.device)
     data = load_dataset(args.data, tok.config.resolution, tok.config.in_channels, split=args.split)
-    if args.save_reconstructions and not args.save_reconstructions.endswith(".npz"):
-        raise UserError(f"--save-reconstructions must end in .npz, got {args.save_reconstructions}")
+    if args.save_reconstructions:  # checked before the evaluation, not after it
+        if not args.save_reconstructions.endswith(".npz"):
+            raise UserError(f"--save-reconstructions must end in .npz, got {args.save_reconstructions}")
+        ensure_output_dir(args.save_reconstructions)
     recons = [] if args.save_reconstructions else None
     res = evaluate_tokenizer(tok, data, args.num_images, args.batch_size, dev, progress=not args.json,
                              reconstructions=recons)

