@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
-    f = sub.add_parser("fid", help="FID, precision/recall (and IS when available) against a data split")
+    f = sub.add_parser("fid", help="FID, precision/recall (and IS when --inception gives class logits; the "
+                       "shipped FID-Inception gives none) against a data split")
     f.add_argument("--data", required=True, help="reference data: Fashion-MNIST IDX folder or image folder")
     f.add_argument("--split", default="test", help="reference split (default: test)")
     _add_source(f)
