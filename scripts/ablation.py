@@ -109,8 +109,8 @@ def train_all(args) -> dict[str, float]:
 def plot(rows: list[dict], path: Path, speed: dict | None = None) -> None:
     """FID vs images/s (one line per variant through its guidance scales) and class consistency per variant.
 
-    `speed` maps (head, parallel) -> images/s from scripts/bench_sampling.py (timed alone); without it the
-    images/s measured while sampling the evaluation set is used."""
+    `speed` (`load_speed`): images/s per (head, parallel) from scripts/bench_sampling.py (timed alone), with the
+    device and batch they were timed at; without it the images/s measured while sampling the evaluation set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,14 +124,18 @@ def plot(rows: list[dict], path: Path, speed: dict | None = None) -> None:
     for name in names:
         mine = [r for r in rows if r["name"] == name]
         head, parallel = VARIANTS.get(name, (None, None))
-        x = [speed[(head, parallel)] if speed and (head, parallel) in speed else r["images_per_s"] for r in mine]
+        rates = speed["img_per_s"] if speed else {}
+        x = [rates.get((head, parallel), r["images_per_s"]) for r in mine]
         ax_fid.plot(x, [r["fid"] for r in mine], "o-", color=colors[name], label=name)
         for xi, r in zip(x, mine):
             if r["cfg"] is not None:
                 ax_fid.annotate(f"cfg {r['cfg']:g}", (xi, r["fid"]), textcoords="offset points", xytext=(6, -3),
                                 fontsize=7)
-    where = "alone, random weights" if speed else "while sampling the evaluation set"
-    ax_fid.set(xscale="log", xlabel=f"images/s ({rows[0]['device_name']}, batch {rows[0]['batch_size']}, {where})",
+    if speed:  # the timing's own device and batch, not the evaluation's
+        where = f"{speed['device_name']}, batch {speed['batch']}, alone, random weights"
+    else:
+        where = f"{rows[0]['device_name']}, batch {rows[0]['batch_size']}, while sampling the evaluation set"
+    ax_fid.set(xscale="log", xlabel=f"images/s ({where})",
                ylabel=f"FID ({rows[0]['num_samples']} samples vs test split)", title="speed vs quality")
     ax_fid.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
     ax_fid.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -157,21 +161,29 @@ def plot(rows: list[dict], path: Path, speed: dict | None = None) -> None:
 
 
 def load_speed(paths: list[str]) -> dict:
-    """(head, parallel) -> images/s at the largest batch of scripts/bench_sampling.py JSON files."""
-    speed = {}
+    """Images/s per (head, parallel) at the largest batch of scripts/bench_sampling.py JSON files, all from one
+    device (speeds from two machines on one axis would compare nothing)."""
+    rates, devices, batch = {}, set(), None
     for path in paths:
         res = json.loads(Path(path).read_text())
+        devices.add(res.get("device_name") or res.get("device"))
+        if len(devices) > 1:
+            raise SystemExit(f"--speed files come from different devices ({', '.join(map(str, devices))}); "
+                             "pass one device's files")
         runs = [r for r in res["runs"] if r["cache"]]
         largest = max(r["batch"] for r in runs)
+        batch = largest
         for r in runs:
             if r["batch"] == largest:
-                speed[(res.get("head", "diffusion"), r["parallel"])] = r["img_per_s"]
-    return speed
+                rates[(res.get("head", "diffusion"), r["parallel"])] = r["img_per_s"]
+    return {"img_per_s": rates, "device_name": devices.pop(), "batch": batch}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    from bitdance.utils import write_json
+
     if args.plot_only:
         rows = json.loads((out / "results.json").read_text())
     else:
@@ -181,11 +193,15 @@ def main(argv=None) -> int:
         for name in args.variants:
             for row in evaluate(str(out / name / "model"), out / name / "eval", args, name=name):
                 row["head"], row["parallel"] = VARIANTS[name]
-                row["train_seconds"] = walls.get(name)
-                row["train"] = {"steps": args.train_steps, "batch_size": args.train_batch_size, "lr": args.lr,
-                                "tokenizer": args.tokenizer, "command": " ".join(train_command(args, name))}
+                row["train_seconds"] = walls.get(name)  # None: trained by an earlier run of this script
+                # what the model was trained with, from its run folder (a model kept from an earlier run of this
+                # script may differ from today's flags)
+                run_cfg = json.loads((out / name / "config.json").read_text())
+                row["train"] = {k: run_cfg["train"].get(k) for k in ("steps", "batch_size", "lr", "tokenizer",
+                                                                     "model_args")}
+                row["train"]["model_config"] = run_cfg.get("model")
                 rows.append(row)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        write_json(rows, out / "results.json")
     plot(rows, out / "ablation.png", load_speed(args.speed) if args.speed else None)
     print(format_rows(rows))
     print(f"plot: {out / 'ablation.png'}")

@@ -14,7 +14,6 @@ tokenizer's decoder. Values do not change the work done, so random weights give 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.official import OFFICIAL_MODELS
 from bitdance.sampling import generate
-from bitdance.utils import autocast, count_parameters, resolve_device
+from bitdance.utils import autocast, count_parameters, resolve_device, write_json
 
 PAPER_IMG_PER_S = {"B-1x": "~11 (figure)", "B-4x": 24.18, "B-16x": 90.26}  # ref §7.1
 
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
               "decode": not args.no_decode, "torch": torch.__version__, "results": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out)
     print(f"wrote {out}")
     return 0
 

@@ -16,7 +16,6 @@ Writes OUT/bench_sampling.json and OUT/bench_sampling.png (bar chart of images/s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import torch
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.sampling import generate
+from bitdance.utils import write_json
 
 
 def build(parallel: int, head: str = "diffusion", seed: int = 0, device="cpu") -> BitDance:
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     res["load_average_after"] = os.getloadavg()
     res["wall_s"] = round(time.time() - t_start, 1)
     res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
-    (out / "bench_sampling.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_json(res, out / "bench_sampling.json")
     plot(res, out / "bench_sampling.png")
     print(f"\nwrote {out / 'bench_sampling.json'} and {out / 'bench_sampling.png'} ({res['wall_s']} s)")
     return 0

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         r = results["runs"]["binary"]
         ok = r["psnr"] >= TARGET_PSNR and (r["train_minutes"] or 0) <= 30.0
         results["binary_meets_target"] = ok
-        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(results, results_path)
         print(f"binary target (PSNR >= {TARGET_PSNR} dB in <= 30 min of training): {'MET' if ok else 'NOT MET'} "
               f"({r['psnr']:.2f} dB, {r['train_minutes'] or 0:.1f} min)")
     print(f"results: {results_path}")

@@ -54,8 +54,9 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     """Sample, then score, once per guidance scale in args.cfg. Returns the rows (also in out/results.json)."""
     import torch
 
+    from bitdance.data import path_fingerprint
     from bitdance.evaluation.npz import generate_samples, save_npz
-    from bitdance.pipeline import BitDancePipeline
+    from bitdance.pipeline import BitDancePipeline, resolve_model_path
     from bitdance.utils import resolve_device, write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -65,14 +66,22 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     done_path = out / "results.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else []
     rows = []
+    # a row is reused only if everything that decides its figures is the same: the model's files, the data, the
+    # classifier, the Inception file and the device type included (a retrained model at the same path is new)
+    model_dir = resolve_model_path(model)
+    common_key = {"model": model, "model_files": path_fingerprint(model_dir), "steps": args.steps,
+                  "cfg_schedule": args.cfg_schedule, "num_samples": args.num_samples, "seed": args.seed,
+                  "batch_size": args.batch_size, "data": args.data, "classifier": args.classifier,
+                  "inception": args.inception, "device": device.type}
     for cfg in args.cfg:
-        tag = "default" if cfg is None else f"{cfg:g}"
-        key = (cfg, args.steps, args.cfg_schedule, args.num_samples, args.seed, args.batch_size, model)
-        same = [r for r in done if (r["cfg"], r["steps"], r.get("cfg_schedule"), r["num_samples"],
-                                    r.get("settings", {}).get("seed", 0), r["batch_size"], r["model"]) == key]
+        key = {**common_key, "cfg": cfg}
+        same = [r for r in done if r.get("key") == key]
         if same:  # scored by an earlier run of this script: keep it
             rows.append(same[0])
             continue
+        # files named by every sampling setting, so another setting in the same folder never overwrites them
+        tag = (f"cfg{'default' if cfg is None else f'{cfg:g}'}_steps{args.steps or 'default'}_"
+               f"{args.cfg_schedule or 'default'}_seed{args.seed}_n{args.num_samples}")
         sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, cfg_schedule=args.cfg_schedule,
                          device=device)
         generate_samples(pipe, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
@@ -81,10 +90,10 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
                                                     seed=args.seed, **sample_kw)
         seconds = time.perf_counter() - start
         settings["model"] = model
-        npz = out / f"samples_cfg{tag}.npz"
+        npz = out / f"samples_{tag}.npz"
         save_npz(npz, images, labels)
         fid_cmd = bitdance_cmd() + ["eval", "fid", "--samples", str(npz), "--data", args.data,
-                                    "--stats-cache", args.stats_cache, "--out", str(out / f"fid_cfg{tag}.json")]
+                                    "--stats-cache", args.stats_cache, "--out", str(out / f"fid_{tag}.json")]
         if args.inception:
             fid_cmd += ["--inception", args.inception]
         fid = _run_json(fid_cmd + common)
@@ -98,7 +107,7 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
                      "images_per_s": args.num_samples / seconds, "sampling_seconds": seconds,
                      "batch_size": args.batch_size, "device": str(device),
                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                     "threads": torch.get_num_threads(), "samples": str(npz), "settings": settings})
+                     "threads": torch.get_num_threads(), "samples": str(npz), "settings": settings, "key": key})
         print(format_rows(rows[-1:]), flush=True)
         kept = [r for r in done if r not in rows]  # other settings and models scored earlier
         write_json(rows + kept, done_path)
