@@ -117,10 +117,13 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
 def format_rows(rows: list[dict]) -> str:
     lines = ["| model | cfg | samples | FID | precision | recall | class acc | img/s | device |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def fraction(value):  # precision/recall are None with too few samples for k nearest neighbours
+        return "-" if value is None else f"{value:.3f}"
+
     for r in rows:
         cfg = "model's" if r["cfg"] is None else f"{r['cfg']:g}"
-        lines.append(f"| {r['name']} | {cfg} | {r['num_samples']} | {r['fid']:.2f} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {100 * r['class_consistency']:.1f}% | {r['images_per_s']:.1f} | "
+        lines.append(f"| {r['name']} | {cfg} | {r['num_samples']} | {r['fid']:.2f} | {fraction(r['precision'])} | "
+                     f"{fraction(r['recall'])} | {100 * r['class_consistency']:.1f}% | {r['images_per_s']:.1f} | "
                      f"{r['device_name']} (batch {r['batch_size']}) |")
     return "\n".join(lines)
 

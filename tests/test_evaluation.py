@@ -31,9 +31,9 @@ from bitdance.evaluation import (
     precision_recall,
     save_npz,
 )
-from bitdance.evaluation.classifier import fit_classifier
+from bitdance.evaluation.classifier import fit_classifier, load_classifier
 from bitdance.evaluation.npz import balanced_labels
-from bitdance.utils import UserError
+from bitdance.utils import UserError, write_json
 
 pytest.importorskip("torchmetrics")
 
@@ -363,7 +363,11 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
             pics = np.stack([separable_images(3, size=16, seed=len(self.calls))[0][c] for c in class_labels])
             return types.SimpleNamespace(images=pics[..., None])  # (b, 16, 16, 1)
 
-    fake_module = types.SimpleNamespace(BitDancePipeline=FakePipeline)
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir()
+    write_json({"class_names": load_classifier(clf_dir).config.class_names}, fake_dir / "model_index.json")
+    fake_module = types.SimpleNamespace(BitDancePipeline=FakePipeline, MODEL_INDEX="model_index.json",
+                                        resolve_model_path=lambda path: fake_dir)
     monkeypatch.setitem(sys.modules, "bitdance.pipeline", fake_module)
     assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7",
                  "--batch-size", "3", "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.npz"),
@@ -380,6 +384,9 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
                  "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.png")]) == 2
     assert "--save-samples must end in .npz" in capsys.readouterr().err
     assert len(FakePipeline.calls) == calls  # refused before sampling anything
+    write_json({"class_names": ["cat", "dog", "bird"]}, fake_dir / "model_index.json")  # another data set's model
+    assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7"]) == 2
+    assert "are not the classifier's" in capsys.readouterr().err and len(FakePipeline.calls) == calls
 
 
 def test_classifier_reports_no_test_accuracy_without_a_held_out_split(tmp_path):

@@ -173,12 +173,25 @@ def run_train_classifier(args) -> int:
     return 0
 
 
+def _check_class_names(model: str, classifier_names: list[str], classifier: str) -> None:
+    from bitdance.pipeline import MODEL_INDEX, resolve_model_path
+    from bitdance.utils import read_json
+
+    names = read_json(resolve_model_path(model) / MODEL_INDEX).get("class_names") or []
+    if names and classifier_names and [n.lower() for n in names] != [n.lower() for n in classifier_names]:
+        raise UserError(f"the model's classes ({', '.join(names[:4])}, ...) are not the classifier's "
+                        f"({', '.join(classifier_names[:4])}, ...); train a classifier on the model's data "
+                        f"(`bitdance eval train-classifier`) instead of {classifier}")
+
+
 def run_classify(args) -> int:
     from bitdance.evaluation.classifier import accuracy, load_classifier, real_test_accuracy
     from bitdance.utils import resolve_device
 
     device = resolve_device(args.device)
     clf = load_classifier(args.classifier, device=device)
+    if args.model:  # before sampling: a classifier of other classes would score a meaningless accuracy
+        _check_class_names(args.model, list(clf.config.class_names or []), args.classifier)
     images, labels, source = _load_samples(args, clf.config.num_classes, device)
     if labels is None:
         raise UserError(f"{args.samples} has no arr_1 labels; class consistency needs each image's class")
