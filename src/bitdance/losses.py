@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -106,7 +107,11 @@ class LeCam(nn.Module):
 
     @torch.no_grad()
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
-        r, f = real_logits.detach().float().mean(), fake_logits.detach().float().mean()
+        means = torch.stack([real_logits.detach().float().mean(), fake_logits.detach().float().mean()])
+        if dist.is_available() and dist.is_initialized():  # under DDP: the global batch's means, so every rank
+            dist.all_reduce(means)                          # keeps (and rank 0 saves) the same EMAs
+            means /= dist.get_world_size()
+        r, f = means[0], means[1]
         if not bool(self.initialised):  # start the EMAs at the first batch instead of at 0
             self.ema_real.copy_(r)
             self.ema_fake.copy_(f)
