@@ -54,9 +54,8 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     """Sample, then score, once per guidance scale in args.cfg. Returns the rows (also in out/results.json)."""
     import torch
 
-    from bitdance.data import path_fingerprint
     from bitdance.evaluation.npz import generate_samples, save_npz
-    from bitdance.pipeline import BitDancePipeline, resolve_model_path
+    from bitdance.pipeline import BitDancePipeline, model_fingerprint
     from bitdance.utils import resolve_device, write_json
 
     out.mkdir(parents=True, exist_ok=True)
@@ -68,8 +67,7 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     rows = []
     # a row is reused only if everything that decides its figures is the same: the model's files, the data, the
     # classifier, the Inception file and the device type included (a retrained model at the same path is new)
-    model_dir = resolve_model_path(model)
-    common_key = {"model": model, "model_files": path_fingerprint(model_dir), "steps": args.steps,
+    common_key = {"model": model, "model_files": model_fingerprint(model), "steps": args.steps,
                   "cfg_schedule": args.cfg_schedule, "num_samples": args.num_samples, "seed": args.seed,
                   "batch_size": args.batch_size, "data": args.data, "classifier": args.classifier,
                   "inception": args.inception, "device": device.type}

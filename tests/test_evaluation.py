@@ -199,6 +199,10 @@ def test_reference_stats_cached_once(idx_folder, tmp_path):
     blocked.write_text("a file where the cache folder should be")
     fifth, path5, cached5 = cached_reference_stats(idx_folder, ext, **{**kw, "cache_dir": blocked / "cache"})
     assert not cached5 and fifth.count == 48 and torch.equal(fifth.cov_sum, first.cov_sum)
+    # a change to the other split does not touch the test split's statistics
+    x, y = separable_images(30, size=14, seed=5)
+    write_idx(idx_folder, "train", x, y)
+    assert cached_reference_stats(idx_folder, ext, **kw)[2]
     # the same folder rewritten with other images: measured again, in the same cache file
     x, y = separable_images(40, size=14, seed=7)
     write_idx(idx_folder, "test", x, y)
@@ -330,13 +334,24 @@ def test_cli_eval_fid_end_to_end(idx_folder, tmp_path, capsys):
     for flag, value, message in (("--pr-features", "-1", "--pr-features must be >= 0"),
                                  ("--num-reference", "-5", "--num-reference must be at least 2")):
         assert main([*argv, flag, value]) == 2 and message in capsys.readouterr().err
-    # --num-samples takes an even stride through the file (written in label order), not its first rows
-    ordered = np.argsort(y, kind="stable")
-    save_npz(tmp_path / "ordered.npz", samples[ordered], y[ordered])
-    assert main([*argv[:3], str(tmp_path / "ordered.npz"), *argv[4:], "--num-samples", "6", "--out",
-                 str(tmp_path / "sub.json")]) == 0
-    capsys.readouterr()
-    assert json.loads((tmp_path / "sub.json").read_text())["num_samples"] == 6
+
+def test_num_samples_takes_an_even_stride_through_a_label_ordered_file(tmp_path, monkeypatch):
+    import bitdance.evaluation.fid as fid_module
+
+    x, y = separable_images(24, size=14, seed=3)
+    ordered = np.argsort(y, kind="stable")  # 8 of class 0, then 8 of class 1, then 8 of class 2
+    save_npz(tmp_path / "ordered.npz", x[ordered][..., None], y[ordered])
+    seen = {}
+
+    def record(images, labels, *args, **kwargs):
+        seen["labels"] = labels.tolist()
+        return {"fid": 0.0}
+
+    monkeypatch.setattr(fid_module, "InceptionFeatures", lambda path=None: None)
+    monkeypatch.setattr(fid_module, "evaluate_samples", record)
+    assert main(["eval", "fid", "--samples", str(tmp_path / "ordered.npz"), "--data", str(tmp_path),
+                 "--num-samples", "6", "--json"]) == 0
+    assert sorted(seen["labels"]) == [0, 0, 1, 1, 2, 2]  # the first 6 rows would all be class 0
 
 
 def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeypatch):

@@ -166,30 +166,43 @@ class _TinyPretrained(nn.Module, PretrainedMixin):
         self.linear = nn.Linear(config.width, config.width)
 
 
-def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not():
+def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys):
     before = signal.getsignal(signal.SIGINT)
     interrupt = StepBoundaryInterrupt().install()
     try:
-        signal.raise_signal(signal.SIGINT)  # mid-step: only noted
+        interrupt.begin_step()
+        signal.raise_signal(signal.SIGINT)  # inside the update: noted, and said
         assert interrupt.requested and not interrupt.at_boundary
+        assert "stopping after this step" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
-            interrupt.check()  # the loop's step boundary
+            interrupt.end_step()  # the step's end
         assert interrupt.at_boundary
-        second = StepBoundaryInterrupt().install()
+
+        outside = StepBoundaryInterrupt().install()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # between steps (saving, sampling): at once, state whole
+        assert outside.at_boundary
+        outside.restore()
+
+        twice = StepBoundaryInterrupt().install()
+        twice.begin_step()
         signal.raise_signal(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # pressed again: now
-        assert not second.at_boundary
-        second.restore()
+            signal.raise_signal(signal.SIGINT)  # pressed again inside the step: now, nothing to save
+        assert not twice.at_boundary
+        twice.restore()
     finally:
         interrupt.restore()
     assert signal.getsignal(signal.SIGINT) is before
-    StepBoundaryInterrupt().check()  # nothing pressed: no-op
+    quiet = StepBoundaryInterrupt()
+    quiet.begin_step()
+    quiet.end_step()  # nothing pressed: no-op
 
 
-def test_other_ranks_print_warnings_only_tagged_with_their_rank(capsys):
+def test_other_ranks_print_only_what_they_alone_know_tagged_with_their_rank(capsys):
     logger = get_logger(is_main=False, name="bitdance.test_rank", rank=3)
     logger.info("step 10: loss 0.3")
-    logger.warning("skipping unreadable image a.png")
+    logger.warning("a warning every rank gives (the main rank prints it)")
+    logger.warning("skipping a.png (1 skipped so far)", extra={"rank_local": True})
     err = capsys.readouterr().err
-    assert "rank 3] skipping unreadable image a.png" in err and "loss" not in err
+    assert "rank 3] skipping a.png" in err and "loss" not in err and "every rank" not in err

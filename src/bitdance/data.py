@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitdance.utils import UserError, atomic_path, first_line
+from bitdance.utils import UserError, atomic_path, file_stat_key, files_fingerprint, first_line
 
 log = logging.getLogger("bitdance.data")
 
@@ -129,7 +129,8 @@ class FolderImages(ImageDataset):
             except UserError as e:
                 self._bad.add(j)
                 self.skipped += 1
-                log.warning("skipping %s (%d skipped so far)", e, self.skipped)
+                # rank_local: only the rank that decoded this file knows of it, so every rank reports it
+                log.warning("skipping %s (%d skipped so far)", e, self.skipped, extra={"rank_local": True})
                 continue
             return to_float(torch.from_numpy(arr)), self.labels[j]
         raise UserError(f"no readable image left in {self.source}")
@@ -137,8 +138,7 @@ class FolderImages(ImageDataset):
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.resolution}/{self.channels}".encode())
         for f, y in zip(self.files, self.labels):
-            st = f.stat()
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{y}\n".encode())
+            h.update(f"{file_stat_key(f)}|{y}\n".encode())
         return h.hexdigest()[:16]
 
 
@@ -216,30 +216,30 @@ def load_dataset(path: str | os.PathLike, resolution: int, channels: int | None 
         raise UserError(f"data path must be a folder of images or of Fashion-MNIST IDX files: {path}")
     if channels not in (None, 1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels}")
+    root, folder = _split_source(path, split)
+    return load_idx(root, resolution, channels, split) if folder is None else load_folder(folder, resolution, channels)
+
+
+def data_fingerprint(path: str | os.PathLike, split: str = "test") -> str:
+    """A cheap content key for the files `load_dataset(path, split=split)` reads (stat only, nothing decoded):
+    the split's IDX pair, or the image files of the split's folder."""
+    root, split_dir = _split_source(Path(path), split)
+    files = _find_idx(root, split) if split_dir is None else _image_files(split_dir, recursive=True)
+    return files_fingerprint(files or [], root)
+
+
+def _split_source(path: Path, split: str) -> tuple[Path, Path | None]:
+    """(path, None) for IDX data; else (path, the folder holding the split's images)."""
     if _find_idx(path, "train") or _find_idx(path, "test"):
-        return load_idx(path, resolution, channels, split)
+        return path, None
     if (path / "train").is_dir():
         sub = path / split
         if split == "test" and not sub.is_dir():
             sub = path / "val"
         if not sub.is_dir():
             raise UserError(f"{path} has no {split!r} split folder")
-        path = sub
-    return load_folder(path, resolution, channels)
-
-
-def path_fingerprint(path: str | os.PathLike) -> str:
-    """A cheap content key for a data folder: every file's relative name, size and modification time, nothing
-    decoded (a stat per file), so a cache keyed on it notices a folder rewritten in place."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            f = Path(dirpath) / name
-            st = f.stat()
-            h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+        return path, sub
+    return path, path
 
 
 def _find_idx(folder: Path, split: str) -> tuple[Path, Path] | None:
@@ -362,7 +362,10 @@ def load_image_array(path: str | os.PathLike, resolution: int, channels: int) ->
             if im.mode == "F":
                 raise ValueError("floating-point pixels (mode F) have no agreed range; save the image as 8 or 16 bits")
             if im.mode.startswith("I"):  # 16-bit greyscale: convert("L") would clip at 255, not rescale
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+                deep = np.asarray(im, dtype=np.float64)
+                # "I;16*" is 16-bit by definition; a 32-bit "I" image may hold 8-bit values (some writers do that)
+                scale = 257.0 if im.mode != "I" or deep.max() > 255 else 1.0
+                im = Image.fromarray((deep / scale).round().clip(0, 255).astype(np.uint8))
             im = im.convert("L" if channels == 1 else "RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path}: {_short(e)}")

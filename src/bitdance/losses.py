@@ -98,9 +98,10 @@ class LeCam(nn.Module):
     """LeCAM regulariser (Tseng et al. 2021): keeps real logits below the EMA of fake logits and fake logits
     above the EMA of real ones. The EMAs are buffers, so they travel with the discriminator checkpoint."""
 
-    def __init__(self, decay: float = 0.999):
+    def __init__(self, decay: float = 0.999, distributed: bool = False):
         super().__init__()
         self.decay = decay
+        self.distributed = distributed  # under DDP: every rank follows the global batch's means (one all-reduce)
         self.register_buffer("ema_real", torch.zeros(()))
         self.register_buffer("ema_fake", torch.zeros(()))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -108,8 +109,8 @@ class LeCam(nn.Module):
     @torch.no_grad()
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
         means = torch.stack([real_logits.detach().float().mean(), fake_logits.detach().float().mean()])
-        if dist.is_available() and dist.is_initialized():  # under DDP: the global batch's means, so every rank
-            dist.all_reduce(means)                          # keeps (and rank 0 saves) the same EMAs
+        if self.distributed:  # the global batch's means, so every rank keeps (and rank 0 saves) the same EMAs
+            dist.all_reduce(means)
             means /= dist.get_world_size()
         r, f = means[0], means[1]
         if not bool(self.initialised):  # start the EMAs at the first batch instead of at 0

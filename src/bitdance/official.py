@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from bitdance.utils import (
     UserError,
@@ -377,11 +378,11 @@ def _chunk_path(chunk_dir: Path, start: int) -> Path:
 
 def _settings(cfg: SampleSetConfig, generator_config, num_classes: int, device: torch.device) -> dict:
     """Everything that decides the pixels of a chunk; a resumed run must match it."""
-    from bitdance.data import path_fingerprint
+    from bitdance.pipeline import model_fingerprint
 
     # the model folder's files (a re-conversion at the same path is another model) and the device type (the
     # generator's random stream differs between CPU and CUDA) decide the images as much as the numbers below
-    return {"model": str(Path(cfg.model).resolve()), "model_files": path_fingerprint(cfg.model),
+    return {"model": str(Path(cfg.model).resolve()), "model_files": model_fingerprint(cfg.model),
             "device": device.type, "per_class": cfg.per_class, "num_classes": num_classes,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype,
             "cfg_scale": generator_config.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
@@ -418,6 +419,10 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
         if not 1 <= num_classes <= gc.num_classes:
             raise UserError(f"--num-classes must be in 1..{gc.num_classes}, got {num_classes}")
         settings = _settings(cfg, gc, num_classes, info.device)
+        if info.enabled:  # rank 0's view (file times may differ between nodes' copies): every rank checks alike
+            shared = [settings]
+            dist.broadcast_object_list(shared, src=0)
+            settings = shared[0]
         total = cfg.per_class * num_classes
         chunk_dir = out.with_suffix(".chunks")
         sidecar = chunk_dir / "settings.json"

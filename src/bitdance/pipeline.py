@@ -27,7 +27,7 @@ import torch
 from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.models.transformer import BitDance
 from bitdance.sampling import generate
-from bitdance.utils import UserError, autocast, read_json, resolve_dtype, to_uint8, write_json
+from bitdance.utils import UserError, autocast, files_fingerprint, read_json, resolve_dtype, to_uint8, write_json
 
 MODEL_INDEX = "model_index.json"
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -59,6 +59,15 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     if not (p / MODEL_INDEX).is_file():
         raise UserError(f"{p} is not a BitDance pipeline folder (no {MODEL_INDEX}; expected tokenizer/ + generator/)")
     return p
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap key for a pipeline's files (model_index.json, the components' configs and weights; stat only): a
+    model retrained or re-converted into the same folder gets another one."""
+    root = resolve_model_path(path)
+    files = [root / MODEL_INDEX] + sorted(f for sub in ("tokenizer", "generator") for f in (root / sub).glob("*")
+                                          if f.is_file())
+    return files_fingerprint(files, root)
 
 
 def resolve_tokenizer_path(path: str | os.PathLike = "builtin") -> Path:

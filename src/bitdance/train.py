@@ -300,7 +300,7 @@ def _check_schedule(cfg: TrainConfig, step: int, saved: dict, logger) -> None:
     else:
         logger.info("the schedule changed (%s): at step %d the learning rate goes %.2e -> %.2e", ", ".join(changed),
                     step, old, new)
-    if cfg.schedule_start == 0 and step >= planned:
+    if cfg.schedule_start == 0 and step >= planned and cfg.steps > planned:  # extended, not just re-tuned
         logger.warning("extending a finished run re-stretches its cosine from step 0; for a fresh warmup + cosine "
                        "over the new steps pass --schedule-start %d (and a --lr for the new peak)", step)
 
@@ -405,6 +405,7 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
     interrupt = StepBoundaryInterrupt(info).install()
     try:
         while step < last:
+            interrupt.begin_step()
             lr = schedule_lr(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -446,7 +447,7 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
                     logger.info("step %d: loss %.4f, lr %.2e, %.1f img/s", step, row["loss"], lr, row["img_per_s"])
                 loss_sum.zero_()
                 n_since, t0 = 0, time.time()
-            interrupt.check()  # a Ctrl-C during the step stops here, with the state whole
+            interrupt.end_step()  # a Ctrl-C during the update stops here, with the state whole and logged
             t_pause = time.time()
             if step % cfg.save_every == 0 or step == last:
                 save(step)

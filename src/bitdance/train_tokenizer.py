@@ -210,7 +210,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                                                       norm=cfg.disc_norm)).to(device)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)
-        lecam = LeCam().to(device)
+        lecam = LeCam(distributed=info.enabled).to(device)
     lpips = LPIPS(LPIPSConfig(cfg.lpips_weights)).to(device) if cfg.lpips_weight > 0 else None
 
     step, train_s = 0, 0.0  # optimizer steps done, seconds spent in training steps (evals excluded)
@@ -294,6 +294,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             if budget_s > 0 and _out_of_time(train_s, budget_s, info):
                 logger.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
                 break
+            interrupt.begin_step()
             t_step = time.time()
             # with a time budget the schedule follows whichever of steps and clock is further along
             progress = max(step, int(cfg.steps * train_s / budget_s)) if budget_s > 0 else step
@@ -326,11 +327,8 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else 1e12)
-            check_finite(step + 1, info, loss=loss, gradient_norm=grad_norm)
-            opt.step()
-            update_ema(ema, model, ema_decay_at(cfg.ema_decay, step))
-
-            if train_disc:
+            checked = {"loss": loss, "gradient_norm": grad_norm}
+            if train_disc:  # its gradients too, before either update (D sees rec.detach(): G's step cannot matter)
                 for group in disc_opt.param_groups:
                     group["lr"] = disc_lr * lr / cfg.lr
                 with autocast(device, cfg.dtype):
@@ -341,7 +339,13 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 terms["d_loss"] = d_loss
                 disc_opt.zero_grad(set_to_none=True)
                 (d_loss + cfg.lecam_weight * terms["lecam"]).backward()
-                check_finite(step + 1, info, discriminator_loss=d_loss)
+                checked.update(discriminator_loss=d_loss + cfg.lecam_weight * terms["lecam"],
+                               discriminator_gradient_norm=nn.utils.get_total_norm(
+                                   [p.grad for p in disc.parameters() if p.grad is not None]))
+            check_finite(step + 1, info, **checked)
+            opt.step()
+            update_ema(ema, model, ema_decay_at(cfg.ema_decay, step))
+            if train_disc:
                 disc_opt.step()
 
             step += 1
@@ -353,7 +357,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log_row(lr)
-            interrupt.check()  # a Ctrl-C during the step stops here, with the state whole
+            interrupt.end_step()  # a Ctrl-C during the update stops here, with the state whole and logged
             if step % cfg.save_every == 0 and step < cfg.steps:
                 save(step)
             if cfg.sample_every and step % cfg.sample_every == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -173,6 +174,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}")
 
 
+def file_stat_key(path: Path, name: str | None = None) -> str:
+    """`name|size|mtime` (name defaults to the path), read by stat alone (`name|unreadable` if that fails): what
+    the caches key a file on."""
+    name = str(path) if name is None else name
+    try:
+        st = path.stat()
+    except OSError:
+        return f"{name}|unreadable"
+    return f"{name}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def files_fingerprint(files, root: str | os.PathLike) -> str:
+    """A cheap key for a set of files under `root` (relative names, sizes, modification times; nothing is read),
+    so a cache or a resumed job keyed on it notices files rewritten in place."""
+    root, h = Path(root), hashlib.sha256()
+    for f in map(Path, files):
+        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f)
+        h.update(file_stat_key(f, name).encode() + b"\n")
+    return h.hexdigest()[:16]
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
@@ -306,41 +328,41 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def check_finite(step: int, info: DistInfo | None = None, **values: torch.Tensor) -> None:
     """Stop a run with a clear message instead of training on NaNs.
 
-    Call it before `opt.step()` with the step's loss and gradient norm (`loss=..., gradient_norm=...`): a NaN
-    gradient under a finite loss would otherwise write NaN weights, which the next checkpoint would keep. Under
-    DDP pass `info`: the ranks agree first, so a NaN on one rank stops all of them together instead of leaving
-    the others waiting in the next all-reduce. One host sync for all the values.
+    Call it before the optimizer step with the step's loss and gradient norm (`loss=..., gradient_norm=...`): a
+    NaN gradient under a finite loss would otherwise write NaN weights, which the next checkpoint would keep.
+    Under DDP pass `info`: the ranks agree first (one all-reduce of a flag per value), so a NaN on one rank
+    stops all of them together instead of leaving the others waiting in the next all-reduce.
     """
     names = list(values)
-    finite = torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()]))  # (len,)
-    bad = [] if bool(finite.all()) else [n for n, ok in zip(names, finite.tolist()) if not ok]
-    anywhere = bool(bad)
+    bad = ~torch.isfinite(torch.stack([v.detach().float().reshape(()) for v in values.values()]))  # (len,)
+    anywhere = bad.float()
     if info is not None and info.enabled:
-        flag = torch.tensor(1.0 if bad else 0.0, device=finite.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        anywhere = flag.item() > 0
-    if anywhere:
-        what = (", ".join(f"{n.replace('_', ' ')} is {float(values[n].detach()):g}" for n in bad) if bad
-                else f"another rank's {' or '.join(n.replace('_', ' ') for n in names)} is not finite")
-        raise FloatingPointError(f"{what} at step {step}; stopping before the update. The last checkpoint is "
-                                 "kept. Try a lower learning rate or --dtype float32.")
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    if bool(anywhere.any()):  # the one host sync of a healthy step
+        local, flags = bad.tolist(), anywhere.tolist()
+        what = ", ".join(f"{n.replace('_', ' ')} is {float(values[n].detach()):g}" if mine
+                         else f"{n.replace('_', ' ')} is not finite on another rank"
+                         for n, mine, anyone in zip(names, local, flags) if anyone)
+        raise FloatingPointError(f"{what} at step {step}; stopping. The last checkpoint is kept. Try a lower "
+                                 "learning rate or --dtype float32.")
 
 
 class StepBoundaryInterrupt:
-    """Ctrl-C during a training step takes effect at the end of the step.
+    """Ctrl-C inside a training step takes effect at the end of the step; outside one, at once.
 
     A KeyboardInterrupt raised inside a step (in `opt.step()`, or between the weights' update and the EMA's)
     would leave a half-applied update for the interrupt checkpoint to save, and the resumed run would not be the
-    run it continues. Between `install()` and `restore()` SIGINT only sets `requested`; the loop calls `check()`
-    after each step, which raises KeyboardInterrupt with `at_boundary` set, so the state is safe to save. A
-    second Ctrl-C interrupts at once (`at_boundary` stays False: save nothing). Under DDP `check` lets the ranks
-    agree, so all stop after the same step. Where SIGINT is ignored (a background job) or cannot be handled
-    (not the main thread) it changes nothing.
+    run it continues. The loop brackets each update with `begin_step()` / `end_step()`: a Ctrl-C in between
+    only sets `requested` (and says so), and `end_step()` raises KeyboardInterrupt; one outside a step (logging,
+    saving, sampling) raises at once. Either way `at_boundary` is set and the state is safe to save. A second
+    Ctrl-C inside the step interrupts at once, `at_boundary` False: save nothing. Under DDP `end_step` lets the
+    ranks agree, so all stop after the same step. Where SIGINT is ignored (a background job) or cannot be
+    handled (not the main thread) it changes nothing.
     """
 
     def __init__(self, info: DistInfo | None = None):
         self.info = info
-        self.requested = self.at_boundary = False
+        self.requested = self.at_boundary = self.in_step = False
         self._installed, self._previous = False, None
 
     def install(self) -> StepBoundaryInterrupt:
@@ -357,12 +379,20 @@ class StepBoundaryInterrupt:
             self._installed = False
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt  # the second Ctrl-C: now, whatever the state
-        self.requested = True
+        if self.in_step and not self.requested:
+            self.requested = True
+            print("\ninterrupted: stopping after this step (Ctrl-C again to stop at once, unsaved)",
+                  file=sys.stderr, flush=True)
+            return
+        self.at_boundary = not self.in_step
+        raise KeyboardInterrupt
 
-    def check(self) -> None:
-        """Raise KeyboardInterrupt (at a step boundary) if Ctrl-C was pressed on this rank or any other."""
+    def begin_step(self) -> None:
+        self.in_step = True
+
+    def end_step(self) -> None:
+        """Leave the step; raise KeyboardInterrupt (at the boundary) if Ctrl-C came during it, on any rank."""
+        self.in_step = False
         requested = self.requested
         if self.info is not None and self.info.enabled:
             flag = torch.tensor(1.0 if requested else 0.0, device=self.info.device)
@@ -496,16 +526,17 @@ def cleanup_distributed(info: DistInfo) -> None:
 def get_logger(
     run_dir: str | os.PathLike | None = None, is_main: bool = True, name: str = "bitdance", rank: int = 0
 ) -> logging.Logger:
-    """Log to stderr and run_dir/log.txt on the main rank; the other ranks print warnings only, tagged."""
+    """Log to stderr and run_dir/log.txt on the main rank; the other ranks print only their rank-local records."""
     logger = logging.getLogger(f"{name}.{run_dir}" if run_dir else name)
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO)
     if not is_main:
-        # quiet, but a warning raised there (an unreadable image that rank decoded) must still reach the user
+        # quiet: the main rank says everything every rank would say, except what only this rank can know (an
+        # image that failed to decode here), logged with extra={"rank_local": True}
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", datefmt="%H:%M:%S"))
-        stream.setLevel(logging.WARNING)
+        stream.addFilter(lambda record: getattr(record, "rank_local", False))
         logger.addHandler(stream)
         return logger
     fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S")

@@ -331,13 +331,13 @@ def cached_reference_stats(data_path, extractor: nn.Module, resolution: int, cha
     The data's files (names, sizes, times) are part of the key: a folder rewritten at the same path is measured
     again. Returns (stats, cache file, loaded_from_cache).
     """
-    from bitdance.data import path_fingerprint
+    from bitdance.data import data_fingerprint
 
     key = {"version": CACHE_VERSION, "data": str(Path(data_path).resolve()), "split": split,
            "resolution": resolution, "channels": channels, "count": max_images or "all",
            "extractor": extractor_id(extractor), "keep_features": keep_features}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    key["content"] = path_fingerprint(data_path) if Path(data_path).is_dir() else None  # checked, not in the name
+    key["content"] = data_fingerprint(data_path, split) if Path(data_path).is_dir() else None  # not in the name
     path = Path(cache_dir or default_cache_dir()) / f"fid_ref_{digest}.pt"
     if path.is_file():
         stats = ReferenceStats.load(path)
