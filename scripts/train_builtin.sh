@@ -2,7 +2,7 @@
 # Recipe for the built-in Fashion-MNIST model shipped in src/bitdance/builtin/ (tokenizer + generator).
 # Uses only our CLI, on a 2-core CPU. Rerun it from the repository root after `make setup data`:
 #
-#   bash scripts/train_builtin.sh            # about 6.8 hours on a 2-core machine (30 + 58 + 63 + 72 + 80 + 71 + 35 min)
+#   bash scripts/train_builtin.sh            # about 8 hours on a 2-core machine (30 + 58 + 63 + 72 + 80 + 71 + 68 + 35 min)
 #   INSTALL=0 bash scripts/train_builtin.sh  # train only, don't replace the packaged model
 #
 # Step 1 is the binary run of scripts/bench_tokenizer.py (same flags), so its PSNR/SSIM figures apply.
@@ -30,10 +30,10 @@ if [ -z "${TOKENIZER:-}" ]; then
 fi
 
 # 2. Generator: the fmnist preset with next-patch diffusion (2x2 patches -> 16 AR steps), diffusion head.
-#    The shipped model was trained in five stages of one run: 3,000 steps; the same run extended to 6,000 (it
+#    The shipped model was trained in six stages of one run: 3,000 steps; the same run extended to 6,000 (it
 #    resumes from its checkpoint; without --schedule-start the cosine is re-stretched to the new length, so the lr
-#    rises again); then three times 1,500 more steps at batch 64, each with a fresh warmup + cosine
-#    (--schedule-start), at lr 3e-4, then 2e-4, then 2e-4.
+#    rises again); then four times 1,500 more steps at batch 64, each with a fresh warmup + cosine
+#    (--schedule-start), at lr 3e-4, then 2e-4 three times.
 #    Sampling defaults saved with it: guidance 1.5, 6 head steps (docs/results.md section 3).
 for steps in 3000 6000; do
   $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
@@ -43,7 +43,7 @@ done
 $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
   --steps 7500 --schedule-start 6000 --batch-size 64 --lr 3e-4 --warmup 100 --ema 0.999 --cfg 1.5 --sample-steps 6 \
   --save-every 250 --device cpu --out "$OUT/generator"
-for steps in 9000 10500; do
+for steps in 9000 10500 12000; do
   $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
     --steps "$steps" --schedule-start $((steps - 1500)) --batch-size 64 --lr 2e-4 --warmup 100 --ema 0.999 \
     --cfg 1.5 --sample-steps 6 --save-every 250 --device cpu --out "$OUT/generator"
