@@ -155,3 +155,14 @@ def test_loading_errors(tmp_path, pipe):
 def test_to_returns_the_pipeline(pipe):
     assert pipe.to("cpu") is pipe and pipe.device.type == "cpu"
     assert pipe.to(dtype="float32").dtype == torch.float32
+
+
+def test_generate_samples_takes_the_autocast_dtype(pipe):
+    from bitdance.evaluation.npz import generate_samples
+
+    try:
+        images, labels, settings = generate_samples(pipe, 3, batch_size=3, dtype="bfloat16", progress=False)
+        assert pipe.dtype == torch.bfloat16 and settings["dtype"] == "bfloat16"
+        assert images.shape[0] == 3 and images.dtype == np.uint8 and labels.tolist() == [0, 1, 2]
+    finally:
+        pipe.to(dtype="float32")  # the fixture is shared

@@ -100,7 +100,8 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: int | None = None,
                      batch_size: int = 50, seed: int = 0, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, device=None, progress: bool = True,
-                     cfg_schedule: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     cfg_schedule: str | None = None, dtype: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample `num_samples` images from a saved pipeline (a folder, 'builtin', or a loaded BitDancePipeline),
     classes cycled 0..C-1.
 
@@ -116,8 +117,8 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     pipe = model if isinstance(model, BitDancePipeline) else BitDancePipeline.from_pretrained(model)
-    if device is not None and hasattr(pipe, "to"):
-        pipe = pipe.to(device) or pipe
+    if (device is not None or dtype is not None) and hasattr(pipe, "to"):
+        pipe = pipe.to(device, dtype=dtype) or pipe  # dtype: the autocast dtype (e.g. bfloat16 on a GPU)
     num_classes = getattr(pipe, "num_classes", None) or num_classes
     if not num_classes:
         raise UserError(f"cannot tell how many classes {model} has; give a data set with class names")
@@ -133,5 +134,5 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
     settings = {"model": source, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule}
+                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "dtype": dtype or "float32"}
     return np.concatenate(images), labels, settings
