@@ -51,6 +51,12 @@ def test_two_ranks_match_one_process(tmp_path):
 
     single_out = tmp_path / "single"
     run(TrainConfig(out=str(single_out), **flags))
+    # each rank encoded its half; rank 0 joined the halves into the same cache one process writes
+    from safetensors.torch import load_file
+
+    assert not list(ddp_out.glob("tokens.part*"))
+    joined, alone = load_file(ddp_out / "tokens.safetensors"), load_file(single_out / "tokens.safetensors")
+    assert joined["codes"].shape[0] == 8 and all(torch.equal(joined[k], alone[k]) for k in ("codes", "labels"))
 
     ddp_rows, single_rows = rows(ddp_out), rows(single_out)
     assert [r["step"] for r in ddp_rows] == [r["step"] for r in single_rows] == [1, 2, 3]

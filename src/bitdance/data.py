@@ -514,38 +514,65 @@ def encode_dataset(tokenizer, dataset: ImageDataset, batch_size: int, device, ca
     file keyed by tokenizer + dataset fingerprints; a cache made by another tokenizer or data set is rebuilt.
 
     For a VQ tokenizer the codes are the bits of its group indices (`tokenizer.decode_indices(
-    bits_to_indices(codes, group_size))` decodes them)."""
+    bits_to_indices(codes, group_size))` decodes them). Under DDP the trainer splits the work with
+    `encode_images` and joins the shares with `write_token_cache` instead."""
+    key = token_cache_key(tokenizer, dataset)
+    cached = read_token_cache(cache_path, key)
+    if cached is not None:
+        return cached
+    codes, labels = encode_images(tokenizer, dataset, batch_size, device, progress=progress)
+    write_token_cache(cache_path, codes, labels, key, dataset.source)
+    return codes, labels
+
+
+def token_cache_key(tokenizer, dataset: ImageDataset) -> str:
+    return f"{tokenizer_fingerprint(tokenizer)}-{dataset.fingerprint()}"
+
+
+def read_token_cache(cache_path, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes, labels) from a token cache made with `key`, or None (missing, stale or unreadable)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
     cache_path = Path(cache_path)
-    key = f"{tokenizer_fingerprint(tokenizer)}-{dataset.fingerprint()}"
-    if cache_path.is_file():
-        try:
-            with safe_open(str(cache_path), framework="pt") as f:
-                if (f.metadata() or {}).get("fingerprint") == key:
-                    log.info("using cached tokens %s", cache_path)
-                    return f.get_tensor("codes"), f.get_tensor("labels")
-            log.info("token cache %s was made from another tokenizer or data set; re-encoding", cache_path)
-        except Exception as e:
-            log.warning("ignoring unreadable token cache %s: %s", cache_path, _short(e))
+    if not cache_path.is_file():
+        return None
+    try:
+        with safe_open(str(cache_path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                log.info("using cached tokens %s", cache_path)
+                return f.get_tensor("codes"), f.get_tensor("labels")
+        log.info("token cache %s was made from another tokenizer or data set; re-encoding", cache_path)
+    except Exception as e:
+        log.warning("ignoring unreadable token cache %s: %s", cache_path, _short(e))
+    return None
 
+
+def write_token_cache(cache_path, codes: torch.Tensor, labels: torch.Tensor, key: str, source: str) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(cache_path) as tmp:
+        save_file({"codes": codes.contiguous(), "labels": labels.contiguous()}, str(tmp),
+                  metadata={"fingerprint": key, "source": source})
+
+
+def encode_images(tokenizer, dataset: ImageDataset, batch_size: int, device, start: int = 0,
+                  stop: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode images start..stop-1 -> (codes int8 (n, k, h, w) of +-1, labels (n,))."""
+    from tqdm import tqdm
+
+    stop = len(dataset) if stop is None else stop
     device = torch.device(device)
     was_training = tokenizer.training
     tokenizer = tokenizer.to(device).eval()
     codes, labels = [], []
-    starts = range(0, len(dataset), batch_size)
-    for s in tqdm(starts, desc="encoding", unit="batch", disable=not progress):
-        images, y = dataset.get_batch(torch.arange(s, min(s + batch_size, len(dataset))))
+    for s in tqdm(range(start, stop, batch_size), desc="encoding", unit="batch", disable=not progress):
+        images, y = dataset.get_batch(torch.arange(s, min(s + batch_size, stop)))
         c = _encode_bits(tokenizer, images.to(device))  # (b, k, h, w) of +-1
         codes.append(c.to(torch.int8).cpu())
         labels.append(y)
     tokenizer.train(was_training)
-    codes_t, labels_t = torch.cat(codes), torch.cat(labels)
-    with atomic_path(cache_path) as tmp:
-        save_file({"codes": codes_t.contiguous(), "labels": labels_t.contiguous()}, str(tmp),
-                  metadata={"fingerprint": key, "source": dataset.source})
     if getattr(dataset, "skipped", 0):
-        log.warning("%d unreadable image(s) were skipped while encoding", dataset.skipped)
-    return codes_t, labels_t
+        log.warning("%d unreadable image(s) were skipped while encoding", dataset.skipped, extra={"rank_local": True})
+    if not codes:  # an empty share (more ranks than images)
+        return torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.long)
+    return torch.cat(codes), torch.cat(labels)

@@ -31,7 +31,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bitdance.data import ImageDataset, InfiniteBatches, encode_dataset, load_dataset, tokenizer_fingerprint
+from bitdance.data import (
+    ImageDataset,
+    InfiniteBatches,
+    encode_images,
+    load_dataset,
+    read_token_cache,
+    token_cache_key,
+    tokenizer_fingerprint,
+    write_token_cache,
+)
 from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance, BitDanceConfig
 from bitdance.pipeline import BitDancePipeline, decode_codes, resolve_tokenizer_path
@@ -189,19 +198,41 @@ def codes_to_tokens(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(tokenizer, dataset, cfg: TrainConfig, out: Path, info, logger):
-    """Encode once on rank 0 (cached), then the other ranks read the cache. Returns (versions, labels)."""
+    """The data's tokens, from the cache or encoded once, each rank its share (under DDP rank 0 joins the shares
+    into the cache: no rank waits at a barrier while one rank encodes everything). Returns (versions, labels)."""
     cache = Path(cfg.token_cache) if cfg.token_cache else out / "tokens.safetensors"
     sets = [(dataset, cache)]
     if cfg.hflip:
         sets.append((FlippedImages(dataset), cache.with_name(cache.stem + "_hflip" + cache.suffix)))
     versions, labels = [], None
-    for turn in ("main", "others"):  # rank 0 writes the caches before anyone else reads them
-        if (turn == "main") == info.is_main:
-            for ds, path in sets:
-                codes, labels = encode_dataset(tokenizer, ds, cfg.encode_batch_size, info.device, path,
-                                               progress=info.is_main and cfg.progress)
-                versions.append(codes_to_tokens(codes))  # (N, n, k) int8
-        barrier(info)
+    for ds, path in sets:
+        key = token_cache_key(tokenizer, ds)
+        cached = read_token_cache(path, key)  # every rank reads before any rank writes (the barrier below)
+        if cached is None:
+            n, r, w = len(ds), info.rank, info.world_size
+            share = encode_images(tokenizer, ds, cfg.encode_batch_size, info.device, n * r // w, n * (r + 1) // w,
+                                  progress=info.is_main and cfg.progress)
+            if w == 1:
+                write_token_cache(path, *share, key, ds.source)
+                cached = share
+            else:
+                part = path.with_name(f"{path.stem}.part{r}of{w}{path.suffix}")
+                write_token_cache(part, *share, key, ds.source)
+                barrier(info)
+                parts = [path.with_name(f"{path.stem}.part{i}of{w}{path.suffix}") for i in range(w)]
+                if info.is_main:
+                    shares = [read_token_cache(p, key) for p in parts]
+                    if any(x is None for x in shares):
+                        raise UserError(f"a rank's share of the tokens is missing or unreadable ({parts[0].parent})")
+                    shares = [x for x in shares if x[0].numel()]  # more ranks than images: empty shares
+                    write_token_cache(path, torch.cat([c for c, _ in shares]), torch.cat([y for _, y in shares]),
+                                      key, ds.source)
+                    for p in parts:
+                        p.unlink()
+                barrier(info)
+                cached = read_token_cache(path, key)
+        codes, labels = cached
+        versions.append(codes_to_tokens(codes))  # (N, n, k) int8
     logger.info("tokens: %d images x %d versions, %s", len(labels), len(versions), cache)
     return versions, labels
 
