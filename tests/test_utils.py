@@ -176,12 +176,12 @@ def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys):
         assert "stopping after this step" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             interrupt.end_step()  # the step's end
-        assert interrupt.at_boundary
+        assert interrupt.at_boundary and interrupt.together  # every rank stops here: they may wait for the save
 
         outside = StepBoundaryInterrupt().install()
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # between steps (saving, sampling): at once, state whole
-        assert outside.at_boundary
+        assert outside.at_boundary and not outside.together  # each rank on its own: no barrier
         outside.restore()
 
         twice = StepBoundaryInterrupt().install()

@@ -493,6 +493,8 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
             logger.info("interrupted: checkpoint saved at step %d", step)
         elif main:
             logger.info("interrupted inside a step: nothing saved, the last checkpoint is kept")
+        if interrupt.together:  # the other ranks wait for rank 0's save instead of exiting (and torchrun
+            barrier(info)       # tearing rank 0 down mid-save)
         raise
     finally:
         interrupt.restore()

@@ -362,7 +362,7 @@ class StepBoundaryInterrupt:
 
     def __init__(self, info: DistInfo | None = None):
         self.info = info
-        self.requested = self.at_boundary = self.in_step = False
+        self.requested = self.at_boundary = self.in_step = self.together = False
         self._installed, self._previous = False, None
 
     def install(self) -> StepBoundaryInterrupt:
@@ -399,7 +399,7 @@ class StepBoundaryInterrupt:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             requested = flag.item() > 0
         if requested:
-            self.at_boundary = True
+            self.at_boundary = self.together = True  # every rank raises here, at this step: they may barrier
             raise KeyboardInterrupt
 
 
