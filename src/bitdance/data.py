@@ -561,6 +561,7 @@ def encode_images(tokenizer, dataset: ImageDataset, batch_size: int, device, sta
     from tqdm import tqdm
 
     stop = len(dataset) if stop is None else stop
+    skipped_before = getattr(dataset, "skipped", 0)  # those were reported when the folder was indexed
     device = torch.device(device)
     was_training = tokenizer.training
     tokenizer = tokenizer.to(device).eval()
@@ -571,8 +572,9 @@ def encode_images(tokenizer, dataset: ImageDataset, batch_size: int, device, sta
         codes.append(c.to(torch.int8).cpu())
         labels.append(y)
     tokenizer.train(was_training)
-    if getattr(dataset, "skipped", 0):
-        log.warning("%d unreadable image(s) were skipped while encoding", dataset.skipped, extra={"rank_local": True})
+    newly = getattr(dataset, "skipped", 0) - skipped_before
+    if newly:
+        log.warning("%d unreadable image(s) were skipped while encoding", newly, extra={"rank_local": True})
     if not codes:  # an empty share (more ranks than images)
         return torch.empty(0, dtype=torch.int8), torch.empty(0, dtype=torch.long)
     return torch.cat(codes), torch.cat(labels)

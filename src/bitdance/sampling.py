@@ -8,15 +8,13 @@ image and both branches are fed the same tokens.
 
 from __future__ import annotations
 
-import logging
+import warnings
 
 import torch
 from tqdm.auto import tqdm
 
 from bitdance.models.transformer import check_cfg_schedule
 from bitdance.utils import UserError
-
-log = logging.getLogger("bitdance.sampling")
 
 
 def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> float:
@@ -65,8 +63,9 @@ def generate(
     # cfg_scale == 1 means every step is unguided under either schedule: the official code then skips the null branch
     use_cfg = cfg_scale > 1.0
     if use_cfg and cfg_schedule == "linear" and S == 1:
-        log.warning("one AR step: the linear guidance schedule is 1 at its only step, so cfg %g does nothing (as in "
-                    "the official code); use cfg_schedule='constant' to guide", cfg_scale)
+        # a warning (shown once per calling line), not a log record on every batch of every rank
+        warnings.warn(f"one AR step: the linear guidance schedule is 1 at its only step, so cfg {cfg_scale:g} does "
+                      "nothing (as in the official code); use cfg_schedule='constant' to guide", stacklevel=2)
     ids = torch.cat([labels, torch.full_like(labels, model.null_class)]) if use_cfg else labels  # (m,)
     m = ids.shape[0]
 

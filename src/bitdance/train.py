@@ -207,34 +207,54 @@ def _encode(tokenizer, dataset, cfg: TrainConfig, out: Path, info, logger):
     versions, labels = [], None
     for ds, path in sets:
         key = token_cache_key(tokenizer, ds)
-        cached = read_token_cache(path, key)  # every rank reads before any rank writes (the barrier below)
-        if cached is None:
-            n, r, w = len(ds), info.rank, info.world_size
-            share = encode_images(tokenizer, ds, cfg.encode_batch_size, info.device, n * r // w, n * (r + 1) // w,
-                                  progress=info.is_main and cfg.progress)
-            if w == 1:
-                write_token_cache(path, *share, key, ds.source)
-                cached = share
-            else:
-                part = path.with_name(f"{path.stem}.part{r}of{w}{path.suffix}")
-                write_token_cache(part, *share, key, ds.source)
-                barrier(info)
-                parts = [path.with_name(f"{path.stem}.part{i}of{w}{path.suffix}") for i in range(w)]
-                if info.is_main:
-                    shares = [read_token_cache(p, key) for p in parts]
-                    if any(x is None for x in shares):
-                        raise UserError(f"a rank's share of the tokens is missing or unreadable ({parts[0].parent})")
-                    shares = [x for x in shares if x[0].numel()]  # more ranks than images: empty shares
-                    write_token_cache(path, torch.cat([c for c, _ in shares]), torch.cat([y for _, y in shares]),
-                                      key, ds.source)
-                    for p in parts:
-                        p.unlink()
-                barrier(info)
-                cached = read_token_cache(path, key)
+        cached = read_token_cache(path, key)  # every rank reads before any rank writes (the barriers below)
+        if not _on_every_rank(cached is not None, info):  # all ranks take the same branch, or the barriers hang
+            cached = _encode_shared(tokenizer, ds, key, path, cfg, out, info)
         codes, labels = cached
         versions.append(codes_to_tokens(codes))  # (N, n, k) int8
     logger.info("tokens: %d images x %d versions, %s", len(labels), len(versions), cache)
     return versions, labels
+
+
+def _on_every_rank(flag: bool, info) -> bool:
+    if not info.enabled:
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _encode_shared(tokenizer, ds, key: str, path: Path, cfg: TrainConfig, out: Path, info):
+    """Encode `ds`, each rank a contiguous share; rank 0 joins the shares (in rank order: the order one process
+    gives) into the cache at `path`. The part files live in this run's `out`, so runs sharing a cache never
+    collide; under DDP `out` and the cache must be on a filesystem every rank sees."""
+    n, r, w = len(ds), info.rank, info.world_size
+    share = encode_images(tokenizer, ds, cfg.encode_batch_size, info.device, n * r // w, n * (r + 1) // w,
+                          progress=info.is_main and cfg.progress)
+    if w == 1:
+        write_token_cache(path, *share, key, ds.source)
+        return share
+    parts = [out / f"{path.stem}.part{i}of{w}{path.suffix}" for i in range(w)]
+    write_token_cache(parts[r], *share, key, ds.source)
+    del share
+    barrier(info)
+    joined = None
+    if info.is_main:
+        shares = [read_token_cache(p, key) for p in parts]
+        if any(x is None for x in shares):
+            raise UserError(f"a rank's share of the tokens is missing or unreadable in {out}")
+        shares = [x for x in shares if x[0].numel()]  # more ranks than images: empty shares
+        joined = torch.cat([c for c, _ in shares]), torch.cat([y for _, y in shares])
+        del shares
+        write_token_cache(path, *joined, key, ds.source)
+        for p in parts:
+            p.unlink()
+    barrier(info)
+    if joined is None:
+        joined = read_token_cache(path, key)
+        if joined is None:
+            raise UserError(f"cannot read the token cache {path} that rank 0 wrote (is it on a shared filesystem?)")
+    return joined
 
 
 def _classes(dataset, labels: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

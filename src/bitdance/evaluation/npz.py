@@ -134,5 +134,6 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
     settings = {"model": source, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "dtype": dtype or "float32"}
+                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule,
+                "dtype": str(getattr(pipe, "dtype", dtype or "float32")).removeprefix("torch.")}
     return np.concatenate(images), labels, settings
