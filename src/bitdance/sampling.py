@@ -63,7 +63,7 @@ def generate(
     # cfg_scale == 1 means every step is unguided under either schedule: the official code then skips the null branch
     use_cfg = cfg_scale > 1.0
     if use_cfg and cfg_schedule == "linear" and S == 1:
-        # a warning (shown once per calling line), not a log record on every batch of every rank
+        # a warning (Python shows it once per process), not a log record on every batch of every rank
         warnings.warn(f"one AR step: the linear guidance schedule is 1 at its only step, so cfg {cfg_scale:g} does "
                       "nothing (as in the official code); use cfg_schedule='constant' to guide", stacklevel=2)
     ids = torch.cat([labels, torch.full_like(labels, model.null_class)]) if use_cfg else labels  # (m,)
