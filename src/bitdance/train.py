@@ -34,6 +34,7 @@ from torch import nn
 from bitdance.data import (
     ImageDataset,
     InfiniteBatches,
+    encode_dataset,
     encode_images,
     load_dataset,
     read_token_cache,
@@ -49,6 +50,7 @@ from bitdance.utils import (
     JsonlLog,
     StepBoundaryInterrupt,
     UserError,
+    any_rank,
     autocast,
     barrier,
     changed_fields,
@@ -206,34 +208,28 @@ def _encode(tokenizer, dataset, cfg: TrainConfig, out: Path, info, logger):
         sets.append((FlippedImages(dataset), cache.with_name(cache.stem + "_hflip" + cache.suffix)))
     versions, labels = [], None
     for ds, path in sets:
-        key = token_cache_key(tokenizer, ds)
-        cached = read_token_cache(path, key)  # every rank reads before any rank writes (the barriers below)
-        if not _on_every_rank(cached is not None, info):  # all ranks take the same branch, or the barriers hang
-            cached = _encode_shared(tokenizer, ds, key, path, cfg, out, info)
-        codes, labels = cached
+        if info.enabled:
+            codes, labels = _encode_shared(tokenizer, ds, path, cfg, out, info)
+        else:
+            codes, labels = encode_dataset(tokenizer, ds, cfg.encode_batch_size, info.device, path,
+                                           progress=cfg.progress)
         versions.append(codes_to_tokens(codes))  # (N, n, k) int8
     logger.info("tokens: %d images x %d versions, %s", len(labels), len(versions), cache)
     return versions, labels
 
 
-def _on_every_rank(flag: bool, info) -> bool:
-    if not info.enabled:
-        return flag
-    t = torch.tensor(1.0 if flag else 0.0, device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def _encode_shared(tokenizer, ds, key: str, path: Path, cfg: TrainConfig, out: Path, info):
-    """Encode `ds`, each rank a contiguous share; rank 0 joins the shares (in rank order: the order one process
-    gives) into the cache at `path`. The part files live in this run's `out`, so runs sharing a cache never
-    collide; under DDP `out` and the cache must be on a filesystem every rank sees."""
+def _encode_shared(tokenizer, ds, path: Path, cfg: TrainConfig, out: Path, info):
+    """DDP: the tokens of `ds` from the cache at `path` if every rank finds it valid, else encoded, each rank a
+    contiguous share; rank 0 joins the shares (in rank order: the order one process gives) into the cache. The
+    part files live in this run's `out`, so runs sharing a cache never collide; `out` and the cache must be on a
+    filesystem every rank sees."""
+    key = token_cache_key(tokenizer, ds)
+    cached = read_token_cache(path, key)  # every rank reads before any rank writes (the barriers below)
+    if not any_rank(cached is None, info):  # all ranks take the same branch, or the barriers hang
+        return cached
     n, r, w = len(ds), info.rank, info.world_size
     share = encode_images(tokenizer, ds, cfg.encode_batch_size, info.device, n * r // w, n * (r + 1) // w,
                           progress=info.is_main and cfg.progress)
-    if w == 1:
-        write_token_cache(path, *share, key, ds.source)
-        return share
     parts = [out / f"{path.stem}.part{i}of{w}{path.suffix}" for i in range(w)]
     write_token_cache(parts[r], *share, key, ds.source)
     del share
@@ -508,13 +504,7 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
                 barrier(info)
             t0 += time.time() - t_pause  # img/s counts training only
     except KeyboardInterrupt:
-        if main and interrupt.at_boundary:
-            save(step)
-            logger.info("interrupted: checkpoint saved at step %d", step)
-        elif main:
-            logger.info("interrupted inside a step: nothing saved, the last checkpoint is kept")
-        if interrupt.together:  # the other ranks wait for rank 0's save instead of exiting (and torchrun
-            barrier(info)       # tearing rank 0 down mid-save)
+        interrupt.save_on_interrupt(save, step, logger)
         raise
     finally:
         interrupt.restore()

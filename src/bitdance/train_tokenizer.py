@@ -337,9 +337,10 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 d_loss = hinge_d_loss(real, fake)
                 terms["lecam"] = lecam(real, fake)
                 terms["d_loss"] = d_loss
+                d_total = d_loss + cfg.lecam_weight * terms["lecam"]
                 disc_opt.zero_grad(set_to_none=True)
-                (d_loss + cfg.lecam_weight * terms["lecam"]).backward()
-                checked.update(discriminator_loss=d_loss + cfg.lecam_weight * terms["lecam"],
+                d_total.backward()
+                checked.update(discriminator_loss=d_total,
                                discriminator_gradient_norm=nn.utils.get_total_norm(
                                    [p.grad for p in disc.parameters() if p.grad is not None]))
             check_finite(step + 1, info, **checked)
@@ -367,13 +368,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 log.plot(out)
             barrier(info)
     except KeyboardInterrupt:
-        if main and interrupt.at_boundary and step > 0:
-            save(step)
-            logger.info("interrupted: checkpoint saved at step %d", step)
-        elif main:
-            logger.info("interrupted inside a step: nothing saved, the last checkpoint is kept")
-        if interrupt.together:  # the other ranks wait for rank 0's save instead of exiting (and torchrun
-            barrier(info)       # tearing rank 0 down mid-save)
+        interrupt.save_on_interrupt(save, step, logger)
         raise
     finally:
         interrupt.restore()

@@ -393,14 +393,31 @@ class StepBoundaryInterrupt:
     def end_step(self) -> None:
         """Leave the step; raise KeyboardInterrupt (at the boundary) if Ctrl-C came during it, on any rank."""
         self.in_step = False
-        requested = self.requested
-        if self.info is not None and self.info.enabled:
-            flag = torch.tensor(1.0 if requested else 0.0, device=self.info.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = flag.item() > 0
-        if requested:
+        if any_rank(self.requested, self.info):
             self.at_boundary = self.together = True  # every rank raises here, at this step: they may barrier
             raise KeyboardInterrupt
+
+    def save_on_interrupt(self, save, step: int, logger) -> None:
+        """The trainers' `except KeyboardInterrupt:` body: rank 0 saves a whole state (`save(step)`), or says why
+        not; when every rank stopped at the same step, the others wait for that save instead of exiting (torchrun
+        would tear rank 0 down mid-save)."""
+        if self.info is None or self.info.is_main:
+            if not self.at_boundary:
+                logger.info("interrupted inside a step: nothing saved, the last checkpoint is kept")
+            elif step > 0:
+                save(step)
+                logger.info("interrupted: checkpoint saved at step %d", step)
+        if self.together:
+            barrier(self.info)
+
+
+def any_rank(flag: bool, info: DistInfo | None) -> bool:
+    """`flag` on this rank or any other (one all-reduce under DDP; no communication in a single process)."""
+    if info is None or not info.enabled:
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
 
 
 def step_seed(seed: int, info: DistInfo, step: int) -> int:
