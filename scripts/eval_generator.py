@@ -39,6 +39,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, nargs="+", default=[None], help="guidance scales (default: the model's)")
     p.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance over the AR steps (default: the model's)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="head sampling temperature (default: the model's; diffusion head: sampler noise scale)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: best available)")
     p.add_argument("--inception", default=None, help="TorchScript FID-Inception (default: the wheel's)")
     p.add_argument("--stats-cache", default="runs/fid_stats", help="cached reference statistics")
@@ -69,6 +71,7 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     # classifier, the Inception file and the device type included (a retrained model at the same path is new)
     common_key = {"model": model, "model_files": model_fingerprint(model), "steps": args.steps,
                   "cfg_schedule": args.cfg_schedule, "num_samples": args.num_samples, "seed": args.seed,
+                  **({} if args.temperature is None else {"temperature": args.temperature}),  # old rows stay valid
                   "batch_size": args.batch_size, "data": args.data, "classifier": args.classifier,
                   "inception": args.inception, "device": device.type}
     for cfg in args.cfg:
@@ -79,9 +82,10 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
             continue
         # files named by every sampling setting, so another setting in the same folder never overwrites them
         tag = (f"cfg{'default' if cfg is None else f'{cfg:g}'}_steps{args.steps or 'default'}_"
-               f"{args.cfg_schedule or 'default'}_seed{args.seed}_n{args.num_samples}")
+               f"{args.cfg_schedule or 'default'}_{temperature_tag(args.temperature)}"
+               f"seed{args.seed}_n{args.num_samples}")
         sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, cfg_schedule=args.cfg_schedule,
-                         device=device)
+                         temperature=args.temperature, device=device)
         generate_samples(pipe, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
         start = time.perf_counter()  # the pipeline returns host arrays, so the GPU has finished when it returns
         images, labels, settings = generate_samples(pipe, args.num_samples, batch_size=args.batch_size,
@@ -98,7 +102,7 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
         cls = _run_json(bitdance_cmd() + ["eval", "classify", "--samples", str(npz), "--classifier", args.classifier,
                                           "--data", args.data] + common)
         rows.append({"name": name or model, "model": model, "cfg": cfg, "steps": args.steps,
-                     "cfg_schedule": args.cfg_schedule,
+                     "cfg_schedule": args.cfg_schedule, "temperature": args.temperature,
                      "num_samples": args.num_samples, "fid": fid["fid"], "precision": fid["precision"],
                      "recall": fid["recall"], "num_reference": fid["num_reference"],
                      "class_consistency": cls["class_consistency"], "classifier_real_accuracy": cls["real_accuracy"],
@@ -110,6 +114,11 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
         kept = [r for r in done if r not in rows]  # other settings and models scored earlier
         write_json(rows + kept, done_path)
     return rows
+
+
+def temperature_tag(temperature: float | None) -> str:
+    """'' for the model's own temperature (file names as before the option existed), else 'tempT_'."""
+    return "" if temperature is None else f"temp{temperature:g}_"
 
 
 def format_rows(rows: list[dict]) -> str:

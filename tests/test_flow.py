@@ -18,8 +18,8 @@ def toy_net(scale: float = 0.7):
     return fn, calls
 
 
-def reference_sampler(net, noise, n, cfg, gen, shift=1.0):
-    """The official loop written out literally (ref §4.3, §8), for comparison."""
+def reference_sampler(net, noise, n, cfg, gen, shift=1.0, temperature=1.0):
+    """The official loop written out literally (ref §4.3, §8), for comparison; temperature scales its noise."""
     x = noise.clone()
     grid = torch.linspace(0, 0.95, n + 1, dtype=torch.float32)
     grid = (1 / shift) / ((1 / shift) + (1 / grid - 1))  # the official code shifts even when shift == 1
@@ -34,7 +34,7 @@ def reference_sampler(net, noise, n, cfg, gen, shift=1.0):
             vc, vu = v.chunk(2)
             v = vu + cfg * (vc - vu)
         score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
-        x = x + (v + (1 - t) * score) * dts[i] + (2.0 * (1.0 - t) * dts[i]) ** 0.5 * torch.randn(
+        x = x + (v + (1 - t) * score) * dts[i] + temperature * (2.0 * (1.0 - t) * dts[i]) ** 0.5 * torch.randn(
             x.shape, generator=gen)
         t += dts[i]
     tb = torch.full((x.shape[0] * mult,), 0.95)
@@ -191,6 +191,35 @@ def test_scheduler_face_matches_sample():
         tb = t.expand(x.shape[0])
         x = flow.step(flow.velocity(net(x, tb), x, tb), i, x, generator=g)
     assert torch.allclose(x, want, atol=1e-7, rtol=0)
+
+
+def test_temperature_scales_the_step_noise_only():
+    flow = RectifiedFlow()
+    noise = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(1))
+
+    def draw(temperature, seed=2, **kw):
+        return flow.sample(toy_net()[0], noise=noise, num_steps=6, cfg_scale=2.0, binarize=False,
+                           generator=torch.Generator().manual_seed(seed), temperature=temperature, **kw)
+
+    # 1 is the official sampler bit for bit; others scale the Euler-Maruyama noise as the written-out loop does
+    assert torch.equal(draw(1.0), flow.sample(toy_net()[0], noise=noise, num_steps=6, cfg_scale=2.0, binarize=False,
+                                              generator=torch.Generator().manual_seed(2)))
+    ref = reference_sampler(toy_net()[0], noise, 6, 2.0, torch.Generator().manual_seed(2), temperature=0.5)
+    assert torch.allclose(draw(0.5), ref, atol=1e-6, rtol=0)
+    # at 0 only the start noise is random: the generator's later draws change nothing
+    assert torch.equal(draw(0.0, seed=2), draw(0.0, seed=3)) and not torch.equal(draw(1.0, 2), draw(1.0, 3))
+    # the scheduler face takes it per step
+    flow.set_timesteps(6)
+    x, g = noise.clone(), torch.Generator().manual_seed(2)
+    for i, t in enumerate(flow.timesteps):
+        tb = t.expand(2 * x.shape[0])
+        xin = torch.cat([x, x])
+        v = flow.guide(flow.velocity(toy_net()[0](xin, tb), xin, tb), 2.0)
+        x = flow.step(v, i, x, generator=g, temperature=0.5)
+    assert torch.allclose(x, ref, atol=1e-6, rtol=0)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(UserError, match="temperature"):
+            draw(bad)
 
 
 def test_samples_are_bits_and_deterministic():

@@ -35,8 +35,8 @@ class Spy:
         self.calls, self.fed = [], []
         sample, decode = model.head.sample, model.decode_step
 
-        def spy_sample(cond, num_steps, cfg_scale, generator):
-            out = sample(cond, num_steps, cfg_scale, generator)
+        def spy_sample(cond, num_steps, cfg_scale, generator, **kw):
+            out = sample(cond, num_steps, cfg_scale, generator, **kw)
             self.calls.append((cond.shape[0], cfg_scale, out))
             return out
 
@@ -121,6 +121,23 @@ def test_save_load_round_trip_same_samples(tmp_path, head):
     a = generate(model, labels, generator=gen(5), progress=False)
     b = generate(loaded, labels, generator=gen(5), progress=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("head", ["diffusion", "bitwise"])
+def test_temperature_overrides_the_models_default(head):
+    labels = torch.tensor([0, 3, 4])
+
+    def draw(model, **kw):
+        return generate(model, labels, cfg_scale=2.0, generator=gen(3), progress=False, **kw)
+
+    model, cold = make(parallel=4, head=head), make(parallel=4, head=head, head_temperature=0.0)  # same weights
+    assert torch.equal(draw(model), draw(model, temperature=1.0))  # the model's default is 1
+    assert torch.equal(draw(cold), draw(model, temperature=0.0))  # a call's temperature overrides the config's
+    assert not torch.equal(draw(model), draw(cold))
+    with pytest.raises(UserError, match="temperature"):
+        draw(model, temperature=-1.0)
+    with pytest.raises(UserError, match="temperature"):  # a saved default is checked when the model is built
+        make(head=head, head_temperature=float("nan"))
 
 
 def test_model_defaults_and_user_errors():

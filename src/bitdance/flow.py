@@ -8,6 +8,8 @@ Velocity from an x-prediction: v = (x_hat - z) / max(1 - t, 0.05); the clamp kee
 
 Sampler (ref §4.3, §8): Euler-Maruyama on an fp32 grid from t = 0 to 0.95 in N equal steps (t accumulated
 with `t += dt` in fp32, as the official loop does), then one deterministic Euler step of 0.05, then sign.
+An optional temperature scales the per-step noise of the Euler-Maruyama updates (as MAR's diffusion head does):
+1 is the official sampler, below 1 draws closer to the modes, 0 leaves only the drift.
 Precision as in the official head: the network runs under the caller's autocast (bf16 on a GPU with
 --dtype bfloat16), while t, the noise, the interpolant, the loss and every sampler update are fp32 (the flow's
 own arithmetic is element-wise on fp32 tensors, which autocast leaves alone). All noise comes from the caller's
@@ -178,29 +180,30 @@ class RectifiedFlow:
         index: int,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """One update of x with an (already guided) velocity at step `index` of `set_timesteps`.
 
         index < N: Euler-Maruyama, score = (t v - x) / var with var = (1 - t)^2 + t (1 - t) (= 1 - t, written as
         the official code does so the fp32 rounding agrees), drift = v + (1 - t) score,
-        x += drift dt + sqrt(2 (1 - t) dt) N(0, I). index == N: x += v dt (deterministic).
+        x += drift dt + temperature sqrt(2 (1 - t) dt) N(0, I). index == N: x += v dt (deterministic).
         """
         if self.timesteps is None:
             raise RuntimeError("call set_timesteps(num_steps) before step()")
         t = self.timesteps[index].to(sample.device)
         dt = self.step_sizes[index].to(sample.device)
         final = index == self.num_inference_steps
-        return self._update(sample.float(), velocity.float(), t, dt, final, generator)
+        return self._update(sample.float(), velocity.float(), t, dt, final, generator, check_temperature(temperature))
 
     @staticmethod
-    def _update(x, v, t, dt, final: bool, generator):
-        """The official fp32 update; t and dt are 0-dim fp32 tensors."""
+    def _update(x, v, t, dt, final: bool, generator, temperature: float = 1.0):
+        """The official fp32 update (temperature 1); t and dt are 0-dim fp32 tensors."""
         if final:
             return x + v * dt
         score = (t * v - x) / ((1.0 - t) ** 2 + t * (1.0 - t))  # sigma^2 + t sigma, in the official order
         drift = v + (1.0 - t) * score
-        eps = random_on("normal", x.shape, generator, x.device)
-        return x + drift * dt + (2.0 * (1.0 - t) * dt) ** 0.5 * eps
+        eps = random_on("normal", x.shape, generator, x.device)  # drawn at any temperature: the same stream
+        return x + drift * dt + temperature * (2.0 * (1.0 - t) * dt) ** 0.5 * eps  # 1.0 * y == y: official at 1
 
     @torch.no_grad()
     def sample(
@@ -213,8 +216,11 @@ class RectifiedFlow:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         binarize: bool = True,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """Draw x (b, ..., k) from the flow; exactly ±1 when `binarize` (x > 0 -> +1, else -1).
+
+        temperature scales the noise of the stochastic steps (1: the official sampler; the start noise is not scaled).
 
         net_fn sees 2b rows [x; x] when cfg_scale is a float (the head pairs them with [cond; uncond])
         and b rows when it is None. The official code uses torch.sign, which would leave an exact 0 at 0;
@@ -226,6 +232,7 @@ class RectifiedFlow:
             dev = torch.device(device) if device is not None else (generator.device if generator else "cpu")
         else:
             dev = noise.device
+        temperature = check_temperature(temperature)
         ts, dts = self.timestep_grid(num_steps)  # CPU 0-dim scalars mix with tensors on any device
         if noise is None:
             x = random_on("normal", shape, generator, dev)  # (b, ..., k) fp32
@@ -238,8 +245,15 @@ class RectifiedFlow:
             t_batch.fill_(float(t))  # exact: an fp32 value round-trips through a Python float
             xin = x if cfg_scale is None else torch.cat([x, x], dim=0)  # (rows, ..., k)
             v = self.guide(self.velocity(net_fn(xin, t_batch).float(), xin, t_batch), cfg_scale)  # fp32
-            x = self._update(x, v, t, dt, i == num_steps, generator)
+            x = self._update(x, v, t, dt, i == num_steps, generator, temperature)
         return to_bits(x) if binarize else x
+
+
+def check_temperature(temperature: float) -> float:
+    """A sampling temperature as a float >= 0 (NaN refused: it would pass every comparison silently)."""
+    if not temperature >= 0:
+        raise UserError(f"sampling temperature must be >= 0, got {temperature}")
+    return float(temperature)
 
 
 def to_bits(x: torch.Tensor) -> torch.Tensor:

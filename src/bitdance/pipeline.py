@@ -196,10 +196,11 @@ class BitDancePipeline:
     def __call__(self, class_labels=None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  output_type: str = "pil", progress: bool = True, return_dict: bool = True,
-                 cfg_schedule: str | None = None, use_cache: bool = True):
+                 cfg_schedule: str | None = None, use_cache: bool = True, temperature: float | None = None):
         """One image per class label (ids or names; None: one per class). The generator may live on the CPU or
         on the pipeline's device (a CPU generator gives the same images on any device, up to rounding).
-        num_inference_steps = head (flow) steps per AR step."""
+        num_inference_steps = head (flow) steps per AR step; temperature = the head's sampling temperature (diffusion
+        head: the scale of the flow sampler's per-step noise, 1 = official; None: the model's)."""
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         ids = list(range(self.num_classes)) if class_labels is None else self.class_ids(class_labels)
@@ -211,7 +212,7 @@ class BitDancePipeline:
         with torch.inference_mode(), autocast(device, self.dtype):
             codes = generate(self.model, labels, num_steps=num_inference_steps, cfg_scale=guidance_scale,
                              cfg_schedule=cfg_schedule, generator=generator, use_cache=use_cache,
-                             progress=progress)  # (b, k, h, w)
+                             progress=progress, temperature=temperature)  # (b, k, h, w)
             images = decode_codes(self.tokenizer, codes, generator=generator)  # (b, c, H, W)
         images = images.float().clamp(-1, 1).cpu().clone()  # a normal tensor again (usable with autograd)
         if output_type == "pt":

@@ -34,11 +34,14 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    temperature: float | None = None,
 ) -> torch.Tensor:
     """Sample token codes (b, k, h, w) in ±1 for class ids (b,). None arguments take the model config's defaults.
 
     num_steps: head sampling steps per AR step. use_cache=False recomputes the whole prefix at every AR step
-    (slow; the same random draws in the same order as the cached path).
+    (slow; the same random draws in the same order as the cached path). temperature: the head's sampling
+    temperature (None: the model's; diffusion head: the scale of the flow sampler's per-step noise; bitwise head:
+    the softmax's).
     """
     c = model.config
     num_steps = c.num_sampling_steps if num_steps is None else int(num_steps)
@@ -83,10 +86,11 @@ def generate(
         for i in tqdm(range(S), desc="sampling", disable=not progress, leave=False):
             scale = cfg_scale_at(i, S, cfg_scale, cfg_schedule)
             if use_cfg and scale > 1.0:
-                x = model.head.sample(cond, num_steps, scale, generator)  # (b, p, k)
+                x = model.head.sample(cond, num_steps, scale, generator, temperature=temperature)  # (b, p, k)
                 feed = torch.cat([x, x], dim=0)  # (m, p, k): both branches see the same tokens
             else:
-                feed = model.head.sample(cond, num_steps, None, generator)  # (m, p, k): each row its own
+                # (m, p, k): each row its own
+                feed = model.head.sample(cond, num_steps, None, generator, temperature=temperature)
                 x = feed[:b]
             out.append(x)
             if i + 1 < S:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from bitdance.commands.options import DEVICE_HELP, DTYPES
+from bitdance.commands.options import DEVICE_HELP, DTYPES, TEMPERATURE_HELP
 from bitdance.utils import UserError, ensure_output_dir, write_json
 
 DEFAULT_MODEL_SAMPLES = 1000
@@ -77,6 +77,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG (--model; default: the model's)")
     p.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance over the AR steps (--model; default: the model's)")
+    p.add_argument("--temperature", type=float, default=None, help=f"{TEMPERATURE_HELP} (--model)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype for sampling (--model)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
@@ -111,7 +112,8 @@ def _load_samples(args, num_classes: int | None, device):
     images, labels, settings = generate_samples(
         args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes,
         batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule, device=device, dtype=args.dtype)
+        guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule, device=device, dtype=args.dtype,
+        temperature=args.temperature)
     if args.save_samples:
         save_npz(args.save_samples, images, labels)
         settings["saved_to"] = args.save_samples

@@ -15,6 +15,7 @@ from pathlib import Path
 from bitdance.commands.options import (
     DEVICE_HELP,
     DTYPES,
+    TEMPERATURE_HELP,
     DefaultsHelpFormatter,
     add_optimisation_flags,
     add_run_flags,
@@ -84,6 +85,7 @@ def register(subparsers) -> None:
     s.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance schedule over AR steps (default: the model's)")
     s.add_argument("--steps", type=int, default=None, help="head (flow) steps per AR step (default: the model's)")
+    s.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
     s.add_argument("--scale", type=int, default=None, help="PNG upscale factor (default: tiles to ~64 px)")
@@ -139,7 +141,7 @@ def run_sample(args) -> int:
         gen = torch.Generator(device=device).manual_seed(batch_seed(args.seed, start))
         batch = pipe(class_labels=labels[start:start + args.batch_size], num_inference_steps=args.steps,
                      guidance_scale=args.cfg, cfg_schedule=args.cfg_schedule, generator=gen, output_type="pt",
-                     progress=args.progress)
+                     progress=args.progress, temperature=args.temperature)
         images.append(batch.images)  # (b, c, H, W) in [-1, 1]
         bar.update(batch.images.shape[0])
     bar.close()

@@ -11,6 +11,8 @@ from bitdance.utils import DTYPES as TORCH_DTYPES
 
 DTYPES = tuple(TORCH_DTYPES)  # the --dtype choices: the names resolve_dtype knows
 DEVICE_HELP = "cpu, cuda, mps (default: best available)"
+TEMPERATURE_HELP = ("the token head's sampling temperature (default: the model's, 1): the scale of the diffusion "
+                    "head's per-step sampler noise, or the bitwise head's softmax temperature; 0 = no noise / argmax")
 
 
 def print_from_main_rank(text) -> None:

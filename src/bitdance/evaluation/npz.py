@@ -100,8 +100,8 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: int | None = None,
                      batch_size: int = 50, seed: int = 0, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, device=None, progress: bool = True,
-                     cfg_schedule: str | None = None, dtype: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, dict]:
+                     cfg_schedule: str | None = None, dtype: str | None = None,
+                     temperature: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample `num_samples` images from a saved pipeline (a folder, 'builtin', or a loaded BitDancePipeline),
     classes cycled 0..C-1.
 
@@ -128,12 +128,13 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
         gen = torch.Generator(device=device or "cpu").manual_seed(batch_seed(seed, start))
         out = pipe(class_labels=labels[start:start + batch_size].tolist(),
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                   cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False)
+                   cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False,
+                   temperature=temperature)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
     source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     settings = {"model": source, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule,
+                "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
                 "dtype": str(getattr(pipe, "dtype", dtype or "float32")).removeprefix("torch.")}
     return np.concatenate(images), labels, settings

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdance.flow import check_temperature
 from bitdance.models.diffusion_head import HeadConfig, check_head_inputs, validate_head_config
 from bitdance.utils import fp32_island, random_on
 
@@ -65,10 +66,12 @@ class BitwiseHead(nn.Module):
         num_steps: int | None = None,
         cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
+        temperature: float | None = None,
     ) -> torch.Tensor:
         """Each bit drawn from softmax(logits / temperature); num_steps is ignored (one shot).
 
-        cfg_scale float: cond is [cond; uncond] and logits mix as u + s (c - u). temperature <= 0: argmax.
+        cfg_scale float: cond is [cond; uncond] and logits mix as u + s (c - u). temperature None: the config's;
+        0: argmax.
         """
         check_head_inputs(self.config, cond)
         m = cond.shape[0]
@@ -80,8 +83,8 @@ class BitwiseHead(nn.Module):
                 lc, lu = logits.chunk(2, dim=0)
                 logits = lu + cfg_scale * (lc - lu)  # (b, p, k, 2)
             diff = logits[..., 1] - logits[..., 0]  # (b, p, k): log-odds of bit +1
-            temp = self.config.temperature
-            if temp <= 0:
+            temp = check_temperature(self.config.temperature if temperature is None else temperature)
+            if temp == 0:
                 return torch.where(diff > 0, 1.0, -1.0)
             p_one = torch.sigmoid(diff / temp)  # softmax over 2 classes at this temperature
             u = random_on("uniform", p_one.shape, generator, cond.device)

@@ -45,7 +45,7 @@ class HeadConfig:
     time_shift: float = 1.0
     diff_batch_mul: int = 4  # repeats of each (cond, target) pair in the loss
     bounded_output: bool = False  # T2I head: x_hat = 2 sigmoid(out) - 1
-    temperature: float = 1.0  # bitwise head sampling temperature
+    temperature: float = 1.0  # sampling default: bitwise softmax temperature / diffusion sampler noise scale
 
 
 # name -> config. Parameter counts (net only): B 1x 22,106,144; B 4x/16x 39,833,120; L 48.6 M; H 110.3 M;
@@ -69,6 +69,8 @@ def validate_head_config(c: HeadConfig) -> None:
     """Raise UserError on a config the networks cannot be built from."""
     if min(c.token_bits, c.cond_dim, c.width, c.depth, c.num_adaln, c.parallel, c.diff_batch_mul) < 1:
         raise UserError(f"head config sizes must all be >= 1: {c}")
+    if not c.temperature >= 0:  # NaN too
+        raise UserError(f"head sampling temperature must be >= 0, got {c.temperature}")
     if c.depth % c.num_adaln:
         raise UserError(f"head depth {c.depth} must be divisible by num_adaln {c.num_adaln}")
     if c.parallel > 1 and c.width % c.attn_head_dim != 0:
@@ -342,8 +344,12 @@ class DiffusionHead(nn.Module):
         cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
         binarize: bool = True,
+        temperature: float | None = None,
     ) -> torch.Tensor:
-        """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: [cond; uncond] (2b rows)."""
+        """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: [cond; uncond] (2b rows).
+
+        temperature scales the sampler's per-step noise (None: the config's; 1: the official sampler).
+        """
         check_head_inputs(self.config, cond)
         m, p, _ = cond.shape
         if cfg_scale is not None and m % 2:
@@ -356,4 +362,5 @@ class DiffusionHead(nn.Module):
         return self.flow.sample(
             fn, shape=(b, p, self.config.token_bits), num_steps=num_steps, cfg_scale=cfg_scale,
             generator=generator, device=cond.device, binarize=binarize,
+            temperature=self.config.temperature if temperature is None else temperature,
         )

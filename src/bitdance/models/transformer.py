@@ -58,7 +58,7 @@ class BitDanceConfig:
     head_depth: int = 6
     head_adaln: int = 2
     head_attn_dim: int = 64  # per-head width of the patch-attention head (P > 1)
-    head_temperature: float = 1.0  # bitwise head only
+    head_temperature: float = 1.0  # sampling default: bitwise softmax temperature / diffusion sampler noise scale
     class_dropout: float = 0.1
     perturb_rate: float = 0.1  # input bit flips: flip when u1 < rate * u2
     diff_batch_mul: int = 4
