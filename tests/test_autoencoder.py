@@ -201,6 +201,10 @@ def test_official_safetensors_pair_loader(tmp_path):
     buffers = {"quantize.codebook": torch.ones(256, 8), "quantize.mask_0": torch.arange(8)}  # GFQ buffers
     save_file({**sd, **buffers}, str(tmp_path / "ae_d1.safetensors"))
     assert ImageTokenizer.from_official(tmp_path / "ae_d1.safetensors").config == m.config
+    # the HF tokenizer repo holds several: the folder alone is ambiguous, and the error names the choices
+    save_file(sd, str(tmp_path / "ae_d2.safetensors"))
+    with pytest.raises(UserError, match=r"several tokenizers \(ae_d1.safetensors, ae_d2.safetensors\)"):
+        ImageTokenizer.from_official(tmp_path)
 
 
 def test_mismatched_official_files_raise_user_errors(tmp_path):

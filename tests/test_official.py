@@ -17,6 +17,7 @@ import torch
 
 from bitdance import cli
 from bitdance.flow import RectifiedFlow
+from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.official import OFFICIAL_MODELS, infer_official_config
 from bitdance.pipeline import BitDancePipeline
 from bitdance.sampling import generate
@@ -104,7 +105,8 @@ def write_official(tmp, P, shapes=None, args=None):
     """An official-shaped .pt ({model, ema, optimizer, epochs, args}) and a separate tokenizer .pt."""
     shapes = shapes or tiny_shapes(P)
     vae = rand_state(vae_shapes(), 5)
-    ema = rand_state(shapes, 1) | {f"vae.{k}": v for k, v in vae.items()}
+    # the EMA's copy of the frozen tokenizer drifted in the last bits: the `model` copy is the tokenizer itself
+    ema = rand_state(shapes, 1) | {f"vae.{k}": v * (1 + 2 ** -20) for k, v in vae.items()}
     model = rand_state(shapes, 2) | {f"vae.{k}": v for k, v in vae.items()}
     ns = argparse.Namespace(model="BitDance-custom", parallel_num=P, parallel_mode="patch", patch_size=1,
                             image_size=8, perturb_rate=0.1, P_mean=-0.8, P_std=0.8, diff_batch_mul=4,
@@ -166,10 +168,31 @@ def test_embedded_vae_is_the_default_tokenizer_and_no_ema_falls_back(tmp_path, c
     assert code == 0, err
     tok, gen = load_converted(tmp_path / "a")
     assert torch.equal(gen.state_dict()["norm.weight"], model_sd["norm.weight"])
-    assert torch.equal(tok.state_dict()["encoder.conv_in.weight"], ema["vae.encoder.conv_in.weight"])
+    assert torch.equal(tok.state_dict()["encoder.conv_in.weight"], model_sd["vae.encoder.conv_in.weight"])
+    # with the EMA generator too, the tokenizer is the frozen `model` copy; so it is when the whole file is
+    # given as a tokenizer (a .pt with an argparse `args`, read with weights_only)
+    assert run_cli(["convert-official", src, tmp_path / "b", "--any-size"], capsys)[0] == 0
+    tok_b, gen_b = load_converted(tmp_path / "b")
+    assert torch.equal(gen_b.state_dict()["norm.weight"], ema["norm.weight"])
+    whole = ImageTokenizer.from_official(src)
+    for t in (tok_b, whole):
+        assert all(torch.equal(v, model_sd[f"vae.{k}"]) for k, v in t.state_dict().items())
+    assert read_json(tmp_path / "b" / "model_index.json")["official"]["tokenizer"] == f"{src.name} (vae.*)"
     # converting twice into the same folder needs --force
     code, _, err = run_cli(["convert-official", src, tmp_path / "a", "--any-size"], capsys)
     assert code == 2 and "--force" in err
+
+
+def test_wrapper_prefixes_and_an_empty_query_token_are_dropped(tmp_path, capsys):
+    """A file saved from a DDP / torch.compile wrapper, with the 1x models' empty query_token, converts as usual."""
+    src, tok_path, ema, *_ = write_official(tmp_path, 1)
+    obj = torch.load(src, weights_only=False)
+    obj["ema"] = {f"module._orig_mod.{k}": v for k, v in ema.items()} | {"module.query_token": torch.zeros(1, 0, D)}
+    torch.save(obj, src)
+    code, _, err = run_cli(["convert-official", src, tmp_path / "o", "--tokenizer", tok_path, "--any-size"], capsys)
+    assert code == 0, err
+    got = load_converted(tmp_path / "o")[1].state_dict()
+    assert "query_token" not in got and all(torch.equal(v, ema[k]) for k, v in got.items())
 
 
 def test_time_shift_from_args_reaches_the_sampler_grid(tmp_path, capsys):
@@ -204,8 +227,6 @@ def test_released_models_are_recognised_from_shapes_on_meta(name):
     with pytest.raises(UserError, match="not B-4x|not H-1x"):
         infer_official_config(state, "x.pt", model_name="B-4x" if name != "B-4x" else "H-1x")
     # a layer removed: refused with the field that disagrees
-    del state[f"layers.{config.n_layers - 1}.ffn_norm.weight"]
-    del state[f"layers.{config.n_layers - 1}.attention.wqkv.weight"]
     with pytest.raises(UserError, match="n_layers"):
         infer_official_config({k: v for k, v in state.items() if not k.startswith(f"layers.{config.n_layers - 1}.")},
                               "x.pt")
@@ -229,6 +250,11 @@ def test_wrong_files_are_refused_with_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert "layers.0 width 640 matches no preset (B 768, L 1024, H 1280)" in err
     assert not (tmp_path / "o3").exists()
+
+    # a training flag that is not a number (a None is taken as unset)
+    src, *_ = write_official(tmp_path, 4, args=argparse.Namespace(parallel_num=4, P_mean="-0.8x", patch_size=None))
+    code, _, err = run_cli(["convert-official", src, tmp_path / "o4", "--any-size"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "P_mean='-0.8x' is not a number" in err
 
 
 def test_mismatched_shapes_are_refused_with_one_line(tmp_path, capsys):

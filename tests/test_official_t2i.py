@@ -65,7 +65,8 @@ def test_components_load_strictly_and_work(tmp_path):
     (dict(head_kwargs=HEAD_KWARGS | {"use_swiglu": False}), "use_swiglu=false"),
     (dict(head_kwargs={k: v for k, v in HEAD_KWARGS.items() if k != "ch_latent"}), "lacks ch_latent"),
     (dict(head_kwargs=HEAD_KWARGS | {"parallel_num": 1}), "patch head"),
-    (dict(head_kwargs={k: v for k, v in HEAD_KWARGS.items() if k != "use_swiglu"}), "use_swiglu=false"),
+    (dict(head_kwargs={k: v for k, v in HEAD_KWARGS.items() if k != "use_swiglu"}), "no use_swiglu"),
+    (dict(head_kwargs=HEAD_KWARGS | {"ch_latent": None}), "ch_latent=None is not a whole number"),
     (dict(head_kwargs=HEAD_KWARGS | {"ch_target": 16}), "the head predicts 16-bit tokens, the tokenizer has 8"),
     (dict(head_kwargs=HEAD_KWARGS | {"depth_latent": 3, "depth_adanln": 3}), "vision_head.safetensors does not"),
     (dict(head_shapes={k: v for k, v in official_shapes(K, D, D, 2, 1, P).items() if "res_blocks.1.w2" not in k}),
@@ -130,6 +131,8 @@ def test_weights_keep_the_stored_dtype_unless_asked(tmp_path):
     as_stored = load_t2i_components(tmp_path)
     assert {p.dtype for p in as_stored.head.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in as_stored.projector.parameters()} == {torch.bfloat16}
+    bits = torch.where(torch.randn(2, 4, K) > 0, 1.0, -1.0)  # the fp32 bits the sampler hands it
+    assert as_stored.projector(bits).dtype == torch.bfloat16
     fp32 = load_t2i_components(tmp_path, dtype=torch.float32)
     head_state = fp32.head.state_dict()
     assert all(torch.equal(v, stored[k].float()) and v.dtype == torch.float32 for k, v in head_state.items())

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from bitdance.utils import (
     batch_seed,
     check_state_shapes,
     count_parameters,
-    first_line,
+    load_checkpoint,
     read_json,
     write_json,
 )
@@ -75,59 +74,27 @@ def official_sampling(name: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-class _Placeholder:
-    """Stands in for a non-tensor object of an official checkpoint (inside `args`): nothing is imported or run."""
-
-    qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.qualname} (not loaded)>"
-
-
-def _placeholders(path: Path) -> list:
-    """(stand-in class, "module.Name") for every global the file's pickle would import, except Namespace."""
-    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if finder is None:
-        return []
-    try:
-        names = finder(str(path))
-    except Exception:  # not a zip checkpoint: torch.load below reports it
-        return []
-    out = []
-    for name in names:
-        if name != "argparse.Namespace":
-            cls = type(name.rpartition(".")[2], (_Placeholder,), {"qualname": name, "__module__": __name__})
-            out.append((cls, name))
-    return out
-
-
 def read_official_checkpoint(path: str | os.PathLike) -> dict:
     """Load an official ImageNet `.pt` with weights_only=True (no code from the file runs).
 
-    The official `args` is an argparse.Namespace, which weights_only refuses: Namespace is allowlisted (it only
-    holds the flag values), and any other global the pickle names (a Path inside args, say) is replaced by an
-    inert placeholder instead of being imported. Tensors are memory-mapped, so a multi-GB file costs little RAM.
+    Its `args` (an argparse.Namespace) is read as `utils.load_checkpoint` reads it; tensors are memory-mapped, so
+    a multi-GB file costs little RAM.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    is_zip = zipfile.is_zipfile(path)
-    safe = [argparse.Namespace, *_placeholders(path)]
-    try:
-        with torch.serialization.safe_globals(safe):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as e:  # pickle errors, truncated or non-torch files
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint: {type(e).__name__}: {first_line(e)}") from e
+    obj = load_checkpoint(path, mmap=True)
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         raise UserError(f"{path} is not an official BitDance ImageNet checkpoint: it holds a {kind}")
     return obj
+
+
+def setting(settings: dict, key: str, source: str, kind: type = float, default=None):
+    """settings[key] as `kind` (`default` when absent or None); anything else not a number is a UserError."""
+    value = settings.get(key)
+    value = default if value is None else value
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {key}={value!r} is not a{' whole' if kind is int else ''} number") from None
 
 
 def _plain(value):
@@ -224,7 +191,7 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
         raise UserError(f"{source}: args.parallel_num={args['parallel_num']} but query_token implies {parallel}")
     if parallel > 1 and args.get("parallel_mode", "patch") != "patch":
         raise UserError(f"{source}: parallel_mode={args['parallel_mode']!r} is not supported (only 'patch')")
-    if int(args.get("patch_size", 1) or 1) != 1:
+    if setting(args, "patch_size", source, int, 1) != 1:
         raise UserError(f"{source}: patch_size={args['patch_size']} is not supported (the released models use 1)")
     found = dict(
         dim=dim, n_layers=_count(state, "layers."), num_classes=int(cls.shape[0]) - 1,
@@ -232,10 +199,8 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
         grid_size=(side, side), parallel=parallel, head_width=int(state["head.net.input_proj.weight"].shape[0]),
         head_depth=_count(state, "head.net.res_blocks."), head_adaln=_count(state, "head.net.ada_ln_blocks."),
     )
-    training = {k: float(args[a]) for k, a in (("perturb_rate", "perturb_rate"), ("P_mean", "P_mean"),
-                                                ("P_std", "P_std"), ("time_shift", "time_shift")) if a in args}
-    if "diff_batch_mul" in args:
-        training["diff_batch_mul"] = int(args["diff_batch_mul"])
+    training = {k: setting(args, k, source, int if k == "diff_batch_mul" else float)
+                for k in ("perturb_rate", "P_mean", "P_std", "time_shift", "diff_batch_mul") if k in args}
 
     preset = BITDANCE_PRESETS[size](parallel=parallel) if size else None
     clash = [f for f, v in found.items() if preset is not None and getattr(preset, f) != v]
@@ -322,13 +287,18 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
 
     if tokenizer is not None:
         tok = ImageTokenizer.from_official(tokenizer)
-        tok_source = str(tokenizer)
+        tok_source, tok_name = str(tokenizer), Path(tokenizer).name
         if vae_state and "decoder.conv_out.weight" in vae_state and not torch.equal(
                 vae_state["decoder.conv_out.weight"].float(), tok.decoder.conv_out.weight):
             log(f"note: {tokenizer} differs from {src}'s own vae.* weights; using {tokenizer} (as the official "
                 "sampler does)")
     elif vae_state:
-        tok, tok_source = tokenizer_from_state(vae_state, f"{src} (vae.*)"), f"{src} (vae.*)"
+        if which == "ema" and isinstance(obj.get("model"), dict):
+            # the tokenizer is frozen in training: the `model` copy is the tokenizer itself, while the EMA copy
+            # went through every EMA update (d x + (1 - d) x need not round back to x)
+            vae_state = split_vae(select_weights(obj, str(src), use_ema=False)[0])[1] or vae_state
+        tok_source, tok_name = f"{src} (vae.*)", f"{src.name} (vae.*)"
+        tok = tokenizer_from_state(vae_state, tok_source)
     else:
         raise UserError(f"{src} holds no vae.* tokenizer weights; pass --tokenizer ae_d16c32.pt")
     if tok.config.z_channels != config.token_bits:
@@ -341,7 +311,7 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
 
     summary = {
         "model_name": name, "source": src.name, "weights": which, "epochs": _plain(obj.get("epochs")),
-        "tokenizer": Path(tok_source.split(" ")[0]).name, "image_size": image_size,
+        "tokenizer": tok_name, "image_size": image_size,
         "parameters": count_parameters(generator),
         "sampling": {"cfg_scale": config.cfg_scale, "cfg_schedule": config.cfg_schedule,
                      "num_sampling_steps": config.num_sampling_steps},

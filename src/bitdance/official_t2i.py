@@ -26,6 +26,7 @@ from torch import nn
 from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.models.diffusion_head import DiffusionHead, HeadConfig
 from bitdance.models.transformer import PARALLEL_CHOICES, patch_order
+from bitdance.official import setting
 from bitdance.utils import UserError, check_state_shapes, read_json, read_safetensors
 
 HEAD_CONFIG_NAME, HEAD_WEIGHTS_NAME = "vision_head_config.json", "vision_head.safetensors"
@@ -56,8 +57,8 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(self.config.dim, self.config.dim)
 
     def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        """bits (..., k) in ±1 -> (..., D) input embeddings for the LLM."""
-        return self.fc2(self.act(self.fc1(bits)))
+        """bits (..., k) in ±1 (any float dtype) -> (..., D) input embeddings for the LLM, in the weights' dtype."""
+        return self.fc2(self.act(self.fc1(bits.to(self.fc1.weight.dtype))))  # ±1 is exact in bf16
 
 
 @dataclass
@@ -77,20 +78,22 @@ def head_config_from_official(kwargs: dict, source: str) -> HeadConfig:
     if missing:
         raise UserError(f"{source} lacks {', '.join(missing)}: not a BitDance vision_head_config.json")
     if not kwargs.get("use_swiglu", False):  # the official DiffHead's default is the plain MLP
-        raise UserError(f"{source}: use_swiglu=false (a Linear-SiLU-Linear MLP) is not supported; every released "
+        said = "use_swiglu=false" if "use_swiglu" in kwargs else "no use_swiglu (the official default is false)"
+        raise UserError(f"{source}: {said}: a Linear-SiLU-Linear MLP head is not supported; every released "
                         "T2I head uses SwiGLU")
     if kwargs.get("time_schedule", "logit_normal") != "logit_normal":
         raise UserError(f"{source}: time_schedule={kwargs['time_schedule']!r} is not supported (logit_normal only)")
     unknown = sorted(set(kwargs) - set(HEAD_CONFIG_KEYS) - OTHER_KEYS)
     if unknown:
         raise UserError(f"{source}: unknown head settings {', '.join(unknown)}")
-    fields = {ours: int(kwargs[theirs]) for theirs, ours in HEAD_CONFIG_KEYS.items()}
+    fields = {ours: setting(kwargs, theirs, source, int) for theirs, ours in HEAD_CONFIG_KEYS.items()}
     if fields["parallel"] not in PARALLEL_CHOICES or fields["parallel"] == 1:
         raise UserError(f"{source}: parallel_num={fields['parallel']}; the T2I head is a patch head (4, 16 or 64)")
     return HeadConfig(**fields, attn_head_dim=128, bounded_output=True,
-                      P_mean=float(kwargs.get("P_mean", 0.0)), P_std=float(kwargs.get("P_std", 1.0)),  # its defaults
-                      time_shift=float(kwargs.get("time_shift", 1.0)),
-                      diff_batch_mul=int(kwargs.get("diff_batch_mul", 1)))
+                      P_mean=setting(kwargs, "P_mean", source, default=0.0),  # the official DiffHead's defaults
+                      P_std=setting(kwargs, "P_std", source, default=1.0),
+                      time_shift=setting(kwargs, "time_shift", source, default=1.0),
+                      diff_batch_mul=setting(kwargs, "diff_batch_mul", source, int, 1))
 
 
 def _load_strict(module: nn.Module, state: dict, source: str, what: str, dtype: torch.dtype | None) -> nn.Module:

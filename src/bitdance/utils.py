@@ -163,15 +163,54 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint or any foreign .pt file safely (weights_only=True)."""
+class _Placeholder:
+    """Stands in for a non-tensor object of a foreign checkpoint (inside `args`): nothing is imported or run."""
+
+    qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname} (not loaded)>"
+
+
+def _placeholders(path: Path) -> list:
+    """(stand-in class, "module.Name") for every global the file's pickle would import, except Namespace."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        names = finder(str(path))
+    except Exception:  # not a zip checkpoint: torch.load reports it
+        return []
+    return [(type(name.rpartition(".")[2], (_Placeholder,), {"qualname": name, "__module__": __name__}), name)
+            for name in names if name != "argparse.Namespace"]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load a training checkpoint or any foreign .pt file safely (weights_only=True: no code from the file runs).
+
+    Official checkpoints store their training flags as `args`, an argparse.Namespace, which weights_only refuses:
+    Namespace is allowlisted (it only holds the flag values), and any other global the pickle names (a Path inside
+    args, say) is replaced by an inert placeholder instead of being imported. mmap memory-maps the tensors of a
+    zip checkpoint (a multi-GB file then costs little RAM).
+    """
+    import argparse
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace, *_placeholders(path)]):
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # pickle errors, truncated files, non-torch files
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}")
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line(e)}") from e
 
 
 def file_stat_key(path: Path, name: str | None = None) -> str:

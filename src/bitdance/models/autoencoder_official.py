@@ -208,6 +208,10 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
             weights_path = weights[0]
         elif not weights and len(pts) == 1:
             return read_official_tokenizer(pts[0])
+        elif len(weights) > 1:  # e.g. the HF BitDance-Tokenizer folder: several tokenizers side by side
+            names = ", ".join(w.name for w in weights)
+            raise UserError(f"{path} holds several tokenizers ({names}) and no {OFFICIAL_WEIGHTS_NAME}: pass the "
+                            "one you want (its .safetensors or _config.json file)")
         else:
             raise UserError(f"{path} has no {OFFICIAL_WEIGHTS_NAME} (or a single .safetensors / .pt file)")
     elif path.suffix == ".json":
@@ -222,9 +226,13 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
     elif path.suffix == ".safetensors":
         weights_path = path
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        obj = load_checkpoint(path)
+        obj = load_checkpoint(path)  # reads an official `args` Namespace too
         if isinstance(obj, dict):
-            for key in ("state_dict", "ema", "model"):
+            # EMA first, as tokenizer samplers load a training checkpoint; but in a whole BitDance generator file
+            # the tokenizer is frozen, so `model` holds it exactly (the EMA copy went through every EMA update)
+            model = obj.get("model")
+            whole = isinstance(model, dict) and any(str(k).startswith("vae.") for k in model)
+            for key in ("model",) if whole else ("state_dict", "ema", "model"):
                 if isinstance(obj.get(key), dict):
                     obj = obj[key]
                     break
