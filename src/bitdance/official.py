@@ -275,6 +275,10 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
         log(f"note: {src} has no 'ema' weights; using 'model'")
     args = checkpoint_args(obj)
     gen_state, vae_state = split_vae(state)
+    if which == "ema" and isinstance(obj.get("model"), dict):
+        # the tokenizer is frozen in training: the `model` copy is the tokenizer itself, while the EMA copy went
+        # through every EMA update (d x + (1 - d) x need not round back to x)
+        vae_state = split_vae(select_weights(obj, str(src), use_ema=False)[0])[1] or vae_state
     gen_state = {k: v for k, v in gen_state.items() if not (k == "query_token" and v.numel() == 0)}
     config, name = infer_official_config(gen_state, str(src), model_name, any_size, args)
     if overrides:
@@ -293,10 +297,6 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, tokenizer: 
             log(f"note: {tokenizer} differs from {src}'s own vae.* weights; using {tokenizer} (as the official "
                 "sampler does)")
     elif vae_state:
-        if which == "ema" and isinstance(obj.get("model"), dict):
-            # the tokenizer is frozen in training: the `model` copy is the tokenizer itself, while the EMA copy
-            # went through every EMA update (d x + (1 - d) x need not round back to x)
-            vae_state = split_vae(select_weights(obj, str(src), use_ema=False)[0])[1] or vae_state
         tok_source, tok_name = f"{src} (vae.*)", f"{src.name} (vae.*)"
         tok = tokenizer_from_state(vae_state, tok_source)
     else:
