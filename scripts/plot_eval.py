@@ -4,9 +4,13 @@
 Reads the rows that `scripts/eval_generator.py` writes (one or more results.json files) and draws one line per
 guidance setting against the head (flow) steps; repeated settings (other seeds) show as separate points, so the
 seed spread is visible. Rows whose images/s was not measured cleanly (null) are left out of that panel only.
+`--x temperature` draws FID, class consistency and precision / recall against the sampling temperature instead
+(rows without one count as 1, the default of every model we train).
 
     python scripts/plot_eval.py docs/data/builtin_v4_eval.json --title "built-in model, CPU" \
         --out docs/images/builtin_tradeoff.png
+    python scripts/plot_eval.py docs/data/builtin_temperature_screen.json --x temperature \
+        --out docs/images/builtin_temperature.png
 """
 
 from __future__ import annotations
@@ -21,37 +25,51 @@ def steps_of(row: dict) -> int | None:
     return row.get("steps") or row.get("settings", {}).get("num_inference_steps")
 
 
+def temperature_of(row: dict) -> float:
+    return 1.0 if row.get("temperature") is None else row["temperature"]
+
+
+AXES = {"steps": (steps_of, "head (flow) steps per AR step"), "temperature": (temperature_of, "sampling temperature")}
+
+
 def series_name(row: dict) -> str:
     cfg = "model's" if row.get("cfg") is None else f"{row['cfg']:g}"
     schedule = row.get("cfg_schedule")
     return f"cfg {cfg}" + (f" ({schedule})" if schedule else "")
 
 
-def plot(rows: list[dict], path: Path, title: str = "") -> Path:
+def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    rows = [r for r in rows if steps_of(r)]
+    x_of, x_label = AXES[x]
+    rows = [r for r in rows if x_of(r) is not None]
     groups: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=steps_of):
+    for r in sorted(rows, key=x_of):
         groups.setdefault(series_name(r), []).append(r)
-    panels = (("fid", "FID (lower is better)", 1), ("class_consistency", "class consistency % (higher is better)", 100),
-              ("images_per_s", "images/s", 1))
+    # (keys drawn in one panel (dashed after the first), title, scale)
+    last = (("images_per_s",), "images/s", 1) if x == "steps" else \
+        (("precision", "recall"), "precision (solid) / recall (dashed)", 1)
+    panels = ((("fid",), "FID (lower is better)", 1),
+              (("class_consistency",), "class consistency % (higher is better)", 100), last)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, name, scale) in zip(axes, panels):
+    for ax, (keys, name, scale) in zip(axes, panels):
         for (series, members), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-            points = [(steps_of(r), r[key] * scale) for r in members if r.get(key) is not None]
-            if not points:
-                continue
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, "o-" if len(set(xs)) > 1 else "o", color=color, label=series)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({steps_of(r) for r in rows}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.set_xlabel("head (flow) steps per AR step")
+            for key, dash in zip(keys, ("-", "--")):
+                points = [(x_of(r), r[key] * scale) for r in members if r.get(key) is not None]
+                if not points:
+                    continue
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, "o" + dash if len(set(xs)) > 1 else "o", color=color,
+                        label=series if key == keys[0] else None)
+        if x == "steps":
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({x_of(r) for r in rows}))
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel(x_label)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     axes[2].set_ylim(bottom=0)
@@ -69,11 +87,12 @@ def main(argv=None) -> int:
     p.add_argument("results", nargs="+", help="results.json files of scripts/eval_generator.py")
     p.add_argument("--out", default="runs/eval/tradeoff.png")
     p.add_argument("--title", default="")
+    p.add_argument("--x", default="steps", choices=sorted(AXES), help="what the x axis shows")
     args = p.parse_args(argv)
     rows = [row for f in args.results for row in json.loads(Path(f).read_text())]
     if not rows:
         raise SystemExit("plot_eval.py: error: no rows in " + ", ".join(args.results))
-    print(plot(rows, Path(args.out), args.title))
+    print(plot(rows, Path(args.out), args.title, args.x))
     return 0
 
 
