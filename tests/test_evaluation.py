@@ -372,9 +372,9 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
             return cls()
 
         def __call__(self, class_labels, num_inference_steps=None, guidance_scale=None, generator=None,
-                     output_type="pil", progress=True, cfg_schedule=None):
+                     output_type="pil", progress=True, cfg_schedule=None, temperature=None):
             FakePipeline.calls.append((list(class_labels), generator.initial_seed()))
-            FakePipeline.schedules.append(cfg_schedule)
+            FakePipeline.schedules.append((cfg_schedule, temperature))
             pics = np.stack([separable_images(3, size=16, seed=len(self.calls))[0][c] for c in class_labels])
             return types.SimpleNamespace(images=pics[..., None])  # (b, 16, 16, 1)
 
@@ -386,12 +386,12 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
     monkeypatch.setitem(sys.modules, "bitdance.pipeline", fake_module)
     assert main(["eval", "classify", "--classifier", str(clf_dir), "--model", "fake", "--num-samples", "7",
                  "--batch-size", "3", "--data", str(idx_folder), "--save-samples", str(tmp_path / "gen.npz"),
-                 "--cfg-schedule", "constant", "--json"]) == 0
+                 "--cfg-schedule", "constant", "--temperature", "0.9", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["num_samples"] == 7 and out["class_consistency"] >= 0.85 and out["real_accuracy"] >= 0.9
     assert [c for c, _ in FakePipeline.calls] == [[0, 1, 2], [0, 1, 2], [0]]  # cycled in label order
     assert len({s for _, s in FakePipeline.calls}) == 3  # no batch reuses another's noise
-    assert FakePipeline.schedules == ["constant"] * 3  # the sampling flags reach the pipeline
+    assert FakePipeline.schedules == [("constant", 0.9)] * 3  # the sampling flags reach the pipeline
     _, labels = load_npz(tmp_path / "gen.npz")
     assert list(labels) == [0, 1, 2, 0, 1, 2, 0]
     calls = len(FakePipeline.calls)
