@@ -67,6 +67,10 @@ def test_sample_npz_is_reproducible_and_in_label_order(trained, tmp_path):
     assert np.array_equal(load_npz(tmp_path / "b.npz")[0], images)  # same seed, same images
     assert main([*args, "--out", str(tmp_path / "c.npz"), "--seed", "1", "--steps", "2", "--cfg", "1"]) == 0
     assert not np.array_equal(load_npz(tmp_path / "c.npz")[0], images)
+    # the sampler temperature: 1 is the model's default, 0 samples otherwise
+    for temperature, same in (("1", True), ("0", False)):
+        assert main([*args, "--out", str(tmp_path / "t.npz"), "--temperature", temperature]) == 0
+        assert np.array_equal(load_npz(tmp_path / "t.npz")[0], images) == same
 
 
 def test_threads_flag(trained, tmp_path, capsys):
@@ -97,6 +101,7 @@ def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
         (["sample", "--model", str(out), "--class-label", "7", "--out", str(tmp_path / "x.png")], "out of range"),
         (["sample", "--model", str(out), "--num-images", "0", "--out", str(tmp_path / "x.png")], "--num-images"),
         (["sample", "--model", str(out), "--cfg", "0.5", "--out", str(tmp_path / "x.png")], "cfg scale"),
+        (["sample", "--model", str(out), "--temperature", "-1", "--out", str(tmp_path / "x.png")], "temperature"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -89,11 +89,14 @@ def _load_samples(args, num_classes: int | None, device):
     import numpy as np
 
     from bitdance.evaluation.npz import generate_samples, load_npz, save_npz
+    from bitdance.flow import check_temperature
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.temperature is not None:
+        check_temperature(args.temperature)  # before sampling
     if args.save_samples and not args.save_samples.endswith(".npz"):  # refused before sampling, not after
         raise UserError(f"--save-samples must end in .npz, got {args.save_samples}")
     for path in (args.save_samples, getattr(args, "out", None)):

@@ -114,6 +114,7 @@ def run_sample(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from bitdance.flow import check_temperature
     from bitdance.pipeline import BitDancePipeline
     from bitdance.utils import batch_seed, ensure_output_dir, resolve_device, save_image_grid
 
@@ -129,6 +130,8 @@ def run_sample(args) -> int:
         raise UserError(f"--cfg: the cfg scale must be >= 1 (1 turns guidance off), got {args.cfg}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.temperature is not None:
+        check_temperature(args.temperature)  # before the progress bars start
     ensure_output_dir(out)  # before sampling, not after
     device = resolve_device(args.device)
     pipe = BitDancePipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
