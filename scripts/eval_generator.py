@@ -122,16 +122,20 @@ def temperature_tag(temperature: float | None) -> str:
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = ["| model | cfg | samples | FID | precision | recall | class acc | img/s | device |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | cfg | head steps | temperature | samples | FID | precision | recall | class acc | img/s "
+             "| device |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def fraction(value):  # precision/recall are None with too few samples for k nearest neighbours
         return "-" if value is None else f"{value:.3f}"
 
+    def setting(value):  # None: the model's own default
+        return "model's" if value is None else f"{value:g}"
+
     for r in rows:
-        cfg = "model's" if r["cfg"] is None else f"{r['cfg']:g}"
-        lines.append(f"| {r['name']} | {cfg} | {r['num_samples']} | {r['fid']:.2f} | {fraction(r['precision'])} | "
-                     f"{fraction(r['recall'])} | {100 * r['class_consistency']:.1f}% | {r['images_per_s']:.1f} | "
-                     f"{r['device_name']} (batch {r['batch_size']}) |")
+        lines.append(f"| {r['name']} | {setting(r['cfg'])} | {setting(r.get('steps'))} | "
+                     f"{setting(r.get('temperature'))} | {r['num_samples']} | {r['fid']:.2f} | "
+                     f"{fraction(r['precision'])} | {fraction(r['recall'])} | {100 * r['class_consistency']:.1f}% | "
+                     f"{r['images_per_s']:.1f} | {r['device_name']} (batch {r['batch_size']}) |")
     return "\n".join(lines)
 
 

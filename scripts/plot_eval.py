@@ -32,10 +32,16 @@ def temperature_of(row: dict) -> float:
 AXES = {"steps": (steps_of, "head (flow) steps per AR step"), "temperature": (temperature_of, "sampling temperature")}
 
 
-def series_name(row: dict) -> str:
+def series_name(row: dict, x: str = "steps") -> str:
+    """The row's settings other than the x axis's, so that rows of other settings never share a line."""
     cfg = "model's" if row.get("cfg") is None else f"{row['cfg']:g}"
     schedule = row.get("cfg_schedule")
-    return f"cfg {cfg}" + (f" ({schedule})" if schedule else "")
+    name = f"cfg {cfg}" + (f" ({schedule})" if schedule else "")
+    if x != "temperature" and row.get("temperature") is not None:
+        name += f", temperature {row['temperature']:g}"
+    if x != "steps" and steps_of(row):
+        name += f", {steps_of(row)} head steps"
+    return name
 
 
 def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Path:
@@ -49,7 +55,7 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
     rows = [r for r in rows if x_of(r) is not None]
     groups: dict[str, list[dict]] = {}
     for r in sorted(rows, key=x_of):
-        groups.setdefault(series_name(r), []).append(r)
+        groups.setdefault(series_name(r, x), []).append(r)
     # (keys drawn in one panel (dashed after the first), title, scale)
     last = (("images_per_s",), "images/s", 1) if x == "steps" else \
         (("precision", "recall"), "precision (solid) / recall (dashed)", 1)

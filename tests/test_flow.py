@@ -34,8 +34,8 @@ def reference_sampler(net, noise, n, cfg, gen, shift=1.0, temperature=1.0):
             vc, vu = v.chunk(2)
             v = vu + cfg * (vc - vu)
         score = (t * v - x) / ((1 - t) ** 2 + t * (1 - t))
-        x = x + (v + (1 - t) * score) * dts[i] + temperature * (2.0 * (1.0 - t) * dts[i]) ** 0.5 * torch.randn(
-            x.shape, generator=gen)
+        noise = (2.0 * (1.0 - t) * dts[i]) ** 0.5 * torch.randn(x.shape, generator=gen)
+        x = x + (v + (1 - t) * score) * dts[i] + (noise if temperature == 1.0 else temperature * noise)
         t += dts[i]
     tb = torch.full((x.shape[0] * mult,), 0.95)
     xin = torch.cat([x] * mult)
@@ -201,9 +201,12 @@ def test_temperature_scales_the_step_noise_only():
         return flow.sample(toy_net()[0], noise=noise, num_steps=6, cfg_scale=2.0, binarize=False,
                            generator=torch.Generator().manual_seed(seed), temperature=temperature, **kw)
 
-    # 1 is the official sampler bit for bit; others scale the Euler-Maruyama noise as the written-out loop does
-    assert torch.equal(draw(1.0), flow.sample(toy_net()[0], noise=noise, num_steps=6, cfg_scale=2.0, binarize=False,
-                                              generator=torch.Generator().manual_seed(2)))
+    # 1 is the official sampler bit for bit (the written-out loop has no temperature factor there); others scale
+    # the Euler-Maruyama noise as the loop does
+    official = reference_sampler(toy_net()[0], noise, 6, 2.0, torch.Generator().manual_seed(2))
+    default = flow.sample(toy_net()[0], noise=noise, num_steps=6, cfg_scale=2.0, binarize=False,
+                          generator=torch.Generator().manual_seed(2))  # no temperature given
+    assert torch.equal(draw(1.0), official) and torch.equal(default, official)
     ref = reference_sampler(toy_net()[0], noise, 6, 2.0, torch.Generator().manual_seed(2), temperature=0.5)
     assert torch.allclose(draw(0.5), ref, atol=1e-6, rtol=0)
     # at 0 only the start noise is random: the generator's later draws change nothing
@@ -217,7 +220,7 @@ def test_temperature_scales_the_step_noise_only():
         v = flow.guide(flow.velocity(toy_net()[0](xin, tb), xin, tb), 2.0)
         x = flow.step(v, i, x, generator=g, temperature=0.5)
     assert torch.allclose(x, ref, atol=1e-6, rtol=0)
-    for bad in (-0.1, float("nan")):
+    for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(UserError, match="temperature"):
             draw(bad)
 

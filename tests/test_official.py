@@ -252,9 +252,12 @@ def test_wrong_files_are_refused_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "o3").exists()
 
     # a training flag that is not a number (a None is taken as unset)
-    src, *_ = write_official(tmp_path, 4, args=argparse.Namespace(parallel_num=4, P_mean="-0.8x", patch_size=None))
-    code, _, err = run_cli(["convert-official", src, tmp_path / "o4", "--any-size"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "P_mean='-0.8x' is not a number" in err
+    for bad, message in ((dict(P_mean="-0.8x"), "P_mean='-0.8x' is not a number"),
+                         (dict(diff_batch_mul=1.5), "diff_batch_mul=1.5 is not a whole number")):
+        src, *_ = write_official(tmp_path, 4, args=argparse.Namespace(parallel_num=4, patch_size=None,
+                                                                      time_shift=None, **bad))
+        code, _, err = run_cli(["convert-official", src, tmp_path / "o4", "--any-size"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err
 
 
 def test_mismatched_shapes_are_refused_with_one_line(tmp_path, capsys):

@@ -29,6 +29,22 @@ def test_checkpoint_roundtrip_and_weights_only(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # temp file renamed away
 
 
+def test_foreign_objects_are_refused_unless_reading_official_args(tmp_path):
+    import argparse
+    import pathlib
+
+    torch.save({"layer": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module: code to import
+    with pytest.raises(UserError, match="module.pt"):
+        load_checkpoint(tmp_path / "module.pt")
+    # an official file: its args Namespace is read, any other global inside becomes an inert placeholder
+    args = argparse.Namespace(lr=1e-4, results_dir=pathlib.PurePosixPath("/x"))
+    torch.save({"ema": {"w": torch.ones(2)}, "args": args}, tmp_path / "official.pt")
+    with pytest.raises(UserError):
+        load_checkpoint(tmp_path / "official.pt")
+    back = load_checkpoint(tmp_path / "official.pt", official_args=True)
+    assert back["args"].lr == 1e-4 and "not loaded" in repr(back["args"].results_dir)
+
+
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     target = tmp_path / "f.txt"
     target.write_text("good")

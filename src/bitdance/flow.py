@@ -20,6 +20,7 @@ Letters: b batch, p tokens per patch, k bits per token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -250,9 +251,10 @@ class RectifiedFlow:
 
 
 def check_temperature(temperature: float) -> float:
-    """A sampling temperature as a float >= 0 (NaN refused: it would pass every comparison silently)."""
-    if not temperature >= 0:
-        raise UserError(f"sampling temperature must be >= 0, got {temperature}")
+    """A sampling temperature as a finite float >= 0 (NaN would pass every comparison silently, and infinite
+    noise turns every bit into NaN, then -1)."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise UserError(f"sampling temperature must be finite and >= 0, got {temperature}")
     return float(temperature)
 
 

@@ -77,10 +77,10 @@ def official_sampling(name: str) -> dict:
 def read_official_checkpoint(path: str | os.PathLike) -> dict:
     """Load an official ImageNet `.pt` with weights_only=True (no code from the file runs).
 
-    Its `args` (an argparse.Namespace) is read as `utils.load_checkpoint` reads it; tensors are memory-mapped, so
-    a multi-GB file costs little RAM.
+    Its `args` (an argparse.Namespace) is read as `utils.load_checkpoint(official_args=True)` reads it; tensors
+    are memory-mapped, so a multi-GB file costs little RAM.
     """
-    obj = load_checkpoint(path, mmap=True)
+    obj = load_checkpoint(path, mmap=True, official_args=True)
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         raise UserError(f"{path} is not an official BitDance ImageNet checkpoint: it holds a {kind}")
@@ -92,8 +92,11 @@ def setting(settings: dict, key: str, source: str, kind: type = float, default=N
     value = settings.get(key)
     value = default if value is None else value
     try:
-        return kind(value)
-    except (TypeError, ValueError):
+        number = float(value)
+        if kind is int and number != int(number):
+            raise ValueError  # 1.5 is not silently 1
+        return kind(number)
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{source}: {key}={value!r} is not a{' whole' if kind is int else ''} number") from None
 
 
@@ -200,7 +203,8 @@ def infer_official_config(state: dict, source: str = "checkpoint", model_name: s
         head_depth=_count(state, "head.net.res_blocks."), head_adaln=_count(state, "head.net.ada_ln_blocks."),
     )
     training = {k: setting(args, k, source, int if k == "diff_batch_mul" else float)
-                for k in ("perturb_rate", "P_mean", "P_std", "time_shift", "diff_batch_mul") if k in args}
+                for k in ("perturb_rate", "P_mean", "P_std", "time_shift", "diff_batch_mul")
+                if args.get(k) is not None}  # None: unset
 
     preset = BITDANCE_PRESETS[size](parallel=parallel) if size else None
     clash = [f for f, v in found.items() if preset is not None and getattr(preset, f) != v]

@@ -306,7 +306,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # model-config fields that only set sampling defaults: they do not touch the weights
-SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps")
+SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps", "head_temperature")
 
 
 def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> tuple[int, dict]:

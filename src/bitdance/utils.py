@@ -191,13 +191,15 @@ def _placeholders(path: Path) -> list:
             for name in names if name != "argparse.Namespace"]
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False,
+                    official_args: bool = False) -> dict:
     """Load a training checkpoint or any foreign .pt file safely (weights_only=True: no code from the file runs).
 
-    Official checkpoints store their training flags as `args`, an argparse.Namespace, which weights_only refuses:
-    Namespace is allowlisted (it only holds the flag values), and any other global the pickle names (a Path inside
-    args, say) is replaced by an inert placeholder instead of being imported. mmap memory-maps the tensors of a
-    zip checkpoint (a multi-GB file then costs little RAM).
+    official_args: the file may be an official checkpoint, whose training flags are stored as `args`, an
+    argparse.Namespace, which weights_only refuses: Namespace is allowlisted (it only holds the flag values), and
+    any other global the pickle names (a Path inside args, say) is replaced by an inert placeholder instead of
+    being imported. Off, such a file is refused, as any object that is not tensors and plain types. mmap
+    memory-maps the tensors of a zip checkpoint (a multi-GB file then costs little RAM).
     """
     import argparse
     import zipfile
@@ -206,7 +208,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *_placeholders(path)]):
+        allowed = [argparse.Namespace, *_placeholders(path)] if official_args else []
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True,
                               mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # pickle errors, truncated files, non-torch files

@@ -226,7 +226,7 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
     elif path.suffix == ".safetensors":
         weights_path = path
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        obj = load_checkpoint(path)  # reads an official `args` Namespace too
+        obj = load_checkpoint(path, official_args=True)  # a whole official model file holds an `args` Namespace
         if isinstance(obj, dict):
             # EMA first, as tokenizer samplers load a training checkpoint; but in a whole BitDance generator file
             # the tokenizer is frozen, so `model` holds it exactly (the EMA copy went through every EMA update)

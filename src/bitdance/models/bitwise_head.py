@@ -66,6 +66,7 @@ class BitwiseHead(nn.Module):
         num_steps: int | None = None,
         cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
+        *,
         temperature: float | None = None,
     ) -> torch.Tensor:
         """Each bit drawn from softmax(logits / temperature); num_steps is ignored (one shot).

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bitdance.flow import FlowConfig, RectifiedFlow
+from bitdance.flow import FlowConfig, RectifiedFlow, check_temperature
 from bitdance.utils import UserError
 
 
@@ -69,8 +69,7 @@ def validate_head_config(c: HeadConfig) -> None:
     """Raise UserError on a config the networks cannot be built from."""
     if min(c.token_bits, c.cond_dim, c.width, c.depth, c.num_adaln, c.parallel, c.diff_batch_mul) < 1:
         raise UserError(f"head config sizes must all be >= 1: {c}")
-    if not c.temperature >= 0:  # NaN too
-        raise UserError(f"head sampling temperature must be >= 0, got {c.temperature}")
+    check_temperature(c.temperature)  # the saved sampling default
     if c.depth % c.num_adaln:
         raise UserError(f"head depth {c.depth} must be divisible by num_adaln {c.num_adaln}")
     if c.parallel > 1 and c.width % c.attn_head_dim != 0:
@@ -344,6 +343,7 @@ class DiffusionHead(nn.Module):
         cfg_scale: float | None = None,
         generator: torch.Generator | None = None,
         binarize: bool = True,
+        *,
         temperature: float | None = None,
     ) -> torch.Tensor:
         """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: [cond; uncond] (2b rows).
