@@ -319,6 +319,14 @@ def test_sample_ddp_two_gloo_processes_then_resume_in_one(tmp_path, capsys):
     # other settings into the same chunk folder are refused
     code, _, err = run_cli(["sample-ddp", "--model", dst, "--out", out, "--seed", "8", *SAMPLE_ARGS], capsys)
     assert code == 2 and "seed 7 -> 8" in err and err.count("\n") == 1
+    code, _, err = run_cli(["sample-ddp", "--model", dst, "--out", out, "--seed", "7", "--temperature", "0.5",
+                            *SAMPLE_ARGS], capsys)
+    assert code == 2 and "temperature 1.0 -> 0.5" in err
+    # a temperature reaches the sampler: another file, other pixels
+    other = tmp_path / "t" / "samples.npz"
+    assert run_cli(["sample-ddp", "--model", dst, "--out", other, "--seed", "7", "--temperature", "0.5",
+                    *SAMPLE_ARGS], capsys)[0] == 0
+    assert not np.array_equal(np.load(other)["arr_0"], images)
     # so is another model converted into the same folder: neither the finished .npz nor the chunks are reused
     assert run_cli(["convert-official", src, dst, "--tokenizer", tok, "--any-size", "--force", "--num-steps", "3"],
                    capsys)[0] == 0

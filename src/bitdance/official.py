@@ -341,6 +341,7 @@ class SampleSetConfig:
     cfg_scale: float | None = None  # None: the model's saved (official) settings
     cfg_schedule: str | None = None
     num_steps: int | None = None
+    temperature: float | None = None  # the head's sampling temperature; None: the model's (1, the official sampler)
     dtype: str = "float32"  # "bfloat16" autocasts on GPU
     device: str | None = None
     progress: bool = True
@@ -362,6 +363,7 @@ def _settings(cfg: SampleSetConfig, generator_config, num_classes: int, device: 
             "cfg_scale": generator_config.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
             "cfg_schedule": cfg.cfg_schedule or generator_config.cfg_schedule,
             "num_steps": generator_config.num_sampling_steps if cfg.num_steps is None else cfg.num_steps,
+            "temperature": generator_config.head_temperature if cfg.temperature is None else cfg.temperature,
             "seeding": "batch of global indices [s, s+batch): torch.Generator(seed * 1000003 + s)",
             "labels": "global index i -> class i // per_class"}
 
@@ -377,6 +379,7 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
     from tqdm.auto import tqdm
 
     from bitdance.evaluation.npz import save_npz
+    from bitdance.flow import check_temperature
     from bitdance.pipeline import BitDancePipeline
     from bitdance.utils import barrier, cleanup_distributed, init_distributed
 
@@ -385,6 +388,8 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
         raise UserError(f"--out must be a .npz file, got {out}")
     if cfg.per_class < 1 or cfg.batch_size < 1:
         raise UserError("--per-class and --per-proc-batch-size must be at least 1")
+    if cfg.temperature is not None:
+        check_temperature(cfg.temperature)
     info = init_distributed(cfg.device)
     try:
         pipe = BitDancePipeline.from_pretrained(cfg.model, device=info.device, dtype=cfg.dtype)
@@ -425,7 +430,8 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
             gen = torch.Generator(device=info.device).manual_seed(batch_seed(cfg.seed, s))
             images = pipe(class_labels=labels.tolist(), num_inference_steps=settings["num_steps"],
                           guidance_scale=settings["cfg_scale"], cfg_schedule=settings["cfg_schedule"],
-                          generator=gen, output_type="np", progress=False).images  # (b, H, W, c) uint8
+                          temperature=settings["temperature"], generator=gen, output_type="np",
+                          progress=False).images  # (b, H, W, c) uint8
             save_npz(_chunk_path(chunk_dir, s), images, labels)
             made += e - s
             bar.update(e - s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from bitdance.commands.options import DTYPES
+from bitdance.commands.options import DTYPES, TEMPERATURE_HELP
 
 
 def register(subparsers) -> None:
@@ -52,6 +52,7 @@ def register(subparsers) -> None:
     s.add_argument("--cfg-scale", type=float, default=None, help="default: the model's saved official setting")
     s.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None)
     s.add_argument("--num-steps", type=int, default=None, help="head sampling steps (default: saved, 100)")
+    s.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
     s.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="autocast dtype; bfloat16 on GPU (the official setting), float32 on CPU")
     s.add_argument("--device", default=None, help="default: cuda (one GPU per local rank), else cpu")
@@ -76,8 +77,8 @@ def run_sample_ddp(args: argparse.Namespace) -> int:
 
     cfg = SampleSetConfig(model=args.model, out=args.out, per_class=args.per_class, num_classes=args.num_classes,
                           batch_size=args.per_proc_batch_size, seed=args.seed, cfg_scale=args.cfg_scale,
-                          cfg_schedule=args.cfg_schedule, num_steps=args.num_steps, dtype=args.dtype,
-                          device=args.device, progress=not args.no_progress)
+                          cfg_schedule=args.cfg_schedule, num_steps=args.num_steps, temperature=args.temperature,
+                          dtype=args.dtype, device=args.device, progress=not args.no_progress)
     path = sample_class_balanced(cfg)
     if path is not None:
         print(f"wrote {path}")
