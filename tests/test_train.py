@@ -267,9 +267,10 @@ def test_no_class_dropout_means_no_guidance(tokenizer_dir, tmp_path):
 def test_rerunning_a_finished_run_with_new_sampling_defaults_re_exports_it(tokenizer_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     first = BitDance.from_pretrained(run(cfg(tokenizer_dir, data_dir, out, steps=2, cfg_scale=3.0)) / "generator")
-    again = BitDance.from_pretrained(run(cfg(tokenizer_dir, data_dir, out, steps=2, cfg_scale=1.5,
-                                             sampling_steps=7)) / "generator")
+    again = BitDance.from_pretrained(run(cfg(tokenizer_dir, data_dir, out, steps=2, cfg_scale=1.5, sampling_steps=7,
+                                             model_args={"head_temperature": 0.9})) / "generator")
     assert (first.config.cfg_scale, again.config.cfg_scale, again.config.num_sampling_steps) == (3.0, 1.5, 7)
+    assert again.config.head_temperature == 0.9 and again.head.config.temperature == 0.9
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2  # nothing trained again
     sa, sb = first.state_dict(), again.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
