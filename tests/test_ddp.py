@@ -15,6 +15,7 @@ from bitdance.data import SyntheticImages
 from bitdance.models.autoencoder import ImageTokenizer, TokenizerConfig
 from bitdance.pipeline import BitDancePipeline
 from bitdance.train import TrainConfig, run
+from bitdance.utils import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -23,7 +24,8 @@ def rows(out):
     return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
 
 
-def test_two_ranks_match_one_process(tmp_path):
+def write_data_and_tokenizer(tmp_path) -> None:
+    """8 class-folder images of 16x16 in tmp_path/data and a random tokenizer (8-bit tokens) in tmp_path/tok."""
     from PIL import Image
 
     ds = SyntheticImages(8, 16, 3, num_classes=4, seed=0)
@@ -34,6 +36,10 @@ def test_two_ranks_match_one_process(tmp_path):
     torch.manual_seed(0)
     tok = ImageTokenizer(TokenizerConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=8, resolution=16))
     tok.save_pretrained(tmp_path / "tok")
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    write_data_and_tokenizer(tmp_path)
     flags = dict(tokenizer=str(tmp_path / "tok"), data=str(tmp_path / "data"), preset="tiny", parallel=4,
                  head="bitwise", class_dropout=0.0, perturb_rate=0.0, steps=3, batch_size=8, lr=1e-2, warmup=1,
                  log_every=1, save_every=100, sample_every=0, export_ema=False, progress=False, device="cpu")
@@ -68,6 +74,44 @@ def test_two_ranks_match_one_process(tmp_path):
     b = BitDancePipeline.from_pretrained(single_out).model.state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_ctrl_c_in_a_terminal_under_torchrun_keeps_a_checkpoint_that_resumes(tmp_path):
+    """A terminal's Ctrl-C sends SIGINT to the whole process group: torchrun's agent (which forwards it to the
+    workers once more, then kills them after a timeout) and both ranks, wherever they are in a step. Whatever the
+    moment, a whole checkpoint is left (no temp file) and the run resumes from it."""
+    import signal
+    import time
+
+    write_data_and_tokenizer(tmp_path)
+    out = tmp_path / "run"
+
+    def launch(steps):
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "bitdance.cli", "train", "--out", str(out), "--tokenizer", str(tmp_path / "tok"), "--data",
+                str(tmp_path / "data"), "--preset", "tiny", "--parallel", "4", "--steps", str(steps), "--batch-size",
+                "8", "--save-every", "3", "--sample-every", "0", "--no-progress", "--device", "cpu"]
+        return subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    proc = launch(100_000)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists():  # training is under way once the first save is there
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, log[-3000:]
+    # rank 0 finished its interrupt handling: torchrun's forwarded copy of the signal did not abort the save
+    assert "interrupted: checkpoint saved at step" in log or "nothing saved" in log, log[-3000:]
+    assert not [f.name for f in out.iterdir() if "tmp" in f.name]
+    step = load_checkpoint(out / "checkpoint.pt")["step"]
+    assert step >= 3
+    again = launch(step + 2)
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log[-3000:]
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == step + 2
 
 
 def test_tokenizer_training_with_a_discriminator_two_ranks_match_one_process(tmp_path):

@@ -1,5 +1,6 @@
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -182,12 +183,19 @@ class _TinyPretrained(nn.Module, PretrainedMixin):
         self.linear = nn.Linear(config.width, config.width)
 
 
-def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys):
+def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys, monkeypatch):
+    clock = [100.0]  # time.monotonic, moved by hand: each press below is a second after the one before
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+
+    def press():
+        clock[0] += 1.0
+        signal.raise_signal(signal.SIGINT)
+
     before = signal.getsignal(signal.SIGINT)
     interrupt = StepBoundaryInterrupt().install()
     try:
         interrupt.begin_step()
-        signal.raise_signal(signal.SIGINT)  # inside the update: noted, and said
+        press()  # inside the update: noted, and said
         assert interrupt.requested and not interrupt.at_boundary
         assert "stopping after this step" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
@@ -196,15 +204,17 @@ def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys):
 
         outside = StepBoundaryInterrupt().install()
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # between steps (saving, sampling): at once, state whole
+            press()  # between steps (saving, sampling): at once, state whole
         assert outside.at_boundary and not outside.together  # each rank on its own: no barrier
         outside.restore()
 
         twice = StepBoundaryInterrupt().install()
         twice.begin_step()
-        signal.raise_signal(signal.SIGINT)
+        press()
+        signal.raise_signal(signal.SIGINT)  # the same press forwarded by torchrun a moment later: ignored
+        assert twice.requested and twice.in_step
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # pressed again inside the step: now, nothing to save
+            press()  # pressed again inside the step: now, nothing to save
         assert not twice.at_boundary
         twice.restore()
     finally:

@@ -17,6 +17,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -400,12 +401,19 @@ class StepBoundaryInterrupt:
     Ctrl-C inside the step interrupts at once, `at_boundary` False: save nothing. Under DDP `end_step` lets the
     ranks agree, so all stop after the same step. Where SIGINT is ignored (a background job) or cannot be
     handled (not the main thread) it changes nothing.
+
+    A SIGINT within `REPEAT_WINDOW_S` of the one before is the same Ctrl-C delivered twice, and is ignored: a
+    terminal signals the whole process group, so under torchrun each worker gets the key press and, a moment
+    later, the agent's forwarded copy, which would otherwise count as a second press and abort the save.
     """
+
+    REPEAT_WINDOW_S = 0.5  # a person does not press Ctrl-C twice this fast; torchrun forwards within milliseconds
 
     def __init__(self, info: DistInfo | None = None):
         self.info = info
         self.requested = self.at_boundary = self.in_step = self.together = False
         self._installed, self._previous = False, None
+        self._last_signal = -math.inf
 
     def install(self) -> StepBoundaryInterrupt:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not \
@@ -421,6 +429,10 @@ class StepBoundaryInterrupt:
             self._installed = False
 
     def _handle(self, signum, frame) -> None:
+        now, last = time.monotonic(), self._last_signal
+        self._last_signal = now
+        if now - last < self.REPEAT_WINDOW_S:
+            return  # the same Ctrl-C again (torchrun's forwarded copy)
         if self.in_step and not self.requested:
             self.requested = True
             print("\ninterrupted: stopping after this step (Ctrl-C again to stop at once, unsaved)",
