@@ -250,9 +250,11 @@ class RectifiedFlow:
         return to_bits(x) if binarize else x
 
 
-def check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float | None) -> float | None:
     """A sampling temperature as a finite float >= 0 (NaN would pass every comparison silently, and infinite
-    noise turns every bit into NaN, then -1)."""
+    noise turns every bit into NaN, then -1); None (the model's own) passes through."""
+    if temperature is None:
+        return None
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise UserError(f"sampling temperature must be finite and >= 0, got {temperature}")
     return float(temperature)

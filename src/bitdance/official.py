@@ -388,8 +388,7 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
         raise UserError(f"--out must be a .npz file, got {out}")
     if cfg.per_class < 1 or cfg.batch_size < 1:
         raise UserError("--per-class and --per-proc-batch-size must be at least 1")
-    if cfg.temperature is not None:
-        check_temperature(cfg.temperature)
+    check_temperature(cfg.temperature)  # before the model is loaded
     info = init_distributed(cfg.device)
     try:
         pipe = BitDancePipeline.from_pretrained(cfg.model, device=info.device, dtype=cfg.dtype)

@@ -6,6 +6,7 @@ torch flags are set at import time.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -18,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -202,9 +204,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     being imported. Off, such a file is refused, as any object that is not tensors and plain types. mmap
     memory-maps the tensors of a zip checkpoint (a multi-GB file then costs little RAM).
     """
-    import argparse
-    import zipfile
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")

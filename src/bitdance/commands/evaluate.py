@@ -95,8 +95,7 @@ def _load_samples(args, num_classes: int | None, device):
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.temperature is not None:
-        check_temperature(args.temperature)  # before sampling
+    check_temperature(args.temperature)  # before sampling
     if args.save_samples and not args.save_samples.endswith(".npz"):  # refused before sampling, not after
         raise UserError(f"--save-samples must end in .npz, got {args.save_samples}")
     for path in (args.save_samples, getattr(args, "out", None)):

@@ -130,8 +130,7 @@ def run_sample(args) -> int:
         raise UserError(f"--cfg: the cfg scale must be >= 1 (1 turns guidance off), got {args.cfg}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.temperature is not None:
-        check_temperature(args.temperature)  # before the progress bars start
+    check_temperature(args.temperature)  # before the progress bars start
     ensure_output_dir(out)  # before sampling, not after
     device = resolve_device(args.device)
     pipe = BitDancePipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
