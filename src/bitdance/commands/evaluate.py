@@ -17,6 +17,8 @@ from bitdance.commands.options import DEVICE_HELP, DTYPES, TEMPERATURE_HELP
 from bitdance.utils import UserError, ensure_output_dir, write_json
 
 DEFAULT_MODEL_SAMPLES = 1000
+# flags that only shape sampling from --model: given with --samples they would be ignored, so they are refused
+MODEL_ONLY_FLAGS = ("seed", "steps", "guidance_scale", "cfg_schedule", "temperature", "dtype", "save_samples")
 
 
 def register(subparsers) -> None:
@@ -72,13 +74,14 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=None,
                    help=f"samples to use (default: all in --samples, {DEFAULT_MODEL_SAMPLES} from --model)")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (--model)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (--model; default: 0)")
     p.add_argument("--steps", type=int, default=None, help="flow steps (--model; default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=None, help="CFG (--model; default: the model's)")
     p.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance over the AR steps (--model; default: the model's)")
     p.add_argument("--temperature", type=float, default=None, help=f"{TEMPERATURE_HELP} (--model)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="autocast dtype for sampling (--model)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="autocast dtype for sampling (--model; default: float32)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,6 +94,11 @@ def _load_samples(args, num_classes: int | None, device):
     from bitdance.evaluation.npz import generate_samples, load_npz, save_npz
     from bitdance.flow import check_temperature
 
+    if args.samples:
+        given = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply when sampling from --model; {args.samples} is "
+                            "already a sample set")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.num_samples is not None and args.num_samples < 1:
@@ -113,8 +121,9 @@ def _load_samples(args, num_classes: int | None, device):
         return images, labels, {"samples": args.samples, "num_samples": int(images.shape[0])}
     images, labels, settings = generate_samples(
         args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes,
-        batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule, device=device, dtype=args.dtype,
+        batch_size=args.batch_size, seed=args.seed or 0, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule, device=device,
+        dtype=args.dtype or "float32",
         temperature=args.temperature)
     if args.save_samples:
         save_npz(args.save_samples, images, labels)
