@@ -193,6 +193,12 @@ def test_wrapper_prefixes_and_an_empty_query_token_are_dropped(tmp_path, capsys)
     assert code == 0, err
     got = load_converted(tmp_path / "o")[1].state_dict()
     assert "query_token" not in got and all(torch.equal(v, ema[k]) for k, v in got.items())
+    # the same file as a tokenizer: its frozen `model` copy of module.vae.* (not a stray top-level key)
+    model_sd = obj["model"]
+    obj["model"] = {f"module.{k}": v for k, v in model_sd.items()}
+    torch.save(obj, src)
+    tok = ImageTokenizer.from_official(src)
+    assert all(torch.equal(v, model_sd[f"vae.{k}"]) for k, v in tok.state_dict().items())
 
 
 def test_time_shift_from_args_reaches_the_sampler_grid(tmp_path, capsys):

@@ -29,6 +29,7 @@ from bitdance.utils import (
     count_parameters,
     load_checkpoint,
     read_json,
+    strip_wrapper_prefixes,
     write_json,
 )
 
@@ -125,9 +126,7 @@ def select_weights(obj: dict, source: str, use_ema: bool = True) -> tuple[dict[s
     for key in order:
         state = obj.get(key)
         if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-            prefixes = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers, should a file carry them
-            return {re.sub(r"^(module\.|_orig_mod\.)+", "", k) if k.startswith(prefixes) else k: v
-                    for k, v in state.items()}, key
+            return strip_wrapper_prefixes(state), key  # torch.compile / DDP wrappers, should a file carry them
     raise UserError(f"{source} is not an official BitDance ImageNet checkpoint: no 'ema' or 'model' state dict "
                     f"(top-level keys: {', '.join(map(str, list(obj)[:6])) or 'none'})")
 

@@ -325,6 +325,17 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot read safetensors file {path}: {type(e).__name__}: {first_line(e)}")
 
 
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes a wrapped model saves with."""
+    wrappers = ("module.", "_orig_mod.")
+    out = {}
+    for key, value in state.items():
+        while isinstance(key, str) and key.startswith(wrappers):
+            key = key.removeprefix("module.").removeprefix("_orig_mod.")
+        out[key] = value
+    return out
+
+
 def check_state_shapes(expected: dict[str, tuple[int, ...]] | nn.Module, state: dict, source: str, what: str) -> None:
     """UserError naming up to three missing / unexpected / mis-shaped keys of `state` against `expected`.
 

@@ -15,7 +15,15 @@ from pathlib import Path
 import torch
 
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer, TokenizerConfig
-from bitdance.utils import UserError, atomic_path, load_checkpoint, read_json, read_safetensors, write_json
+from bitdance.utils import (
+    UserError,
+    atomic_path,
+    load_checkpoint,
+    read_json,
+    read_safetensors,
+    strip_wrapper_prefixes,
+    write_json,
+)
 
 log = logging.getLogger("bitdance.official")
 
@@ -177,6 +185,7 @@ def preset_name(config: TokenizerConfig) -> str | None:
 def _strip_official_prefixes(state: dict, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{source} does not hold a state dict of tensors")
+    state = strip_wrapper_prefixes(state)  # a DDP / torch.compile training run's file
     if any(k.startswith("vae.") for k in state):  # a whole ImageNet BitDance model: keep its tokenizer
         state = {k[len("vae.") :]: v for k, v in state.items() if k.startswith("vae.")}
     # A training checkpoint also carries its losses' weights (discriminator, LPIPS); the official sampler loads
@@ -231,7 +240,7 @@ def read_official_tokenizer(path: str | os.PathLike) -> tuple[dict, TokenizerCon
             # EMA first, as tokenizer samplers load a training checkpoint; but in a whole BitDance generator file
             # the tokenizer is frozen, so `model` holds it exactly (the EMA copy went through every EMA update)
             model = obj.get("model")
-            whole = isinstance(model, dict) and any(str(k).startswith("vae.") for k in model)
+            whole = isinstance(model, dict) and any(str(k).startswith("vae.") for k in strip_wrapper_prefixes(model))
             for key in ("model",) if whole else ("state_dict", "ema", "model"):
                 if isinstance(obj.get(key), dict):
                     obj = obj[key]
