@@ -93,6 +93,8 @@ def test_missing_and_empty_paths_are_user_errors(tmp_path):
 
 
 def test_idx_parsing_and_28_to_32_padding(tmp_path):
+    tmp_path = tmp_path / "Fashion-MNIST"  # recognisably Fashion-MNIST: its class names
+    tmp_path.mkdir()
     rng = np.random.default_rng(0)
     train = rng.integers(1, 256, size=(5, 28, 28))  # no zero pixels inside: padding must be exactly 0
     _write_idx(tmp_path / "train-images-idx3-ubyte.gz", train)
@@ -134,10 +136,13 @@ def test_synthetic_is_seeded_and_batches_resume(tmp_path):
     assert a.labels.tolist()[:5] == [0, 1, 2, 3, 0] and a.class_names == ["circle", "square", "diamond", "ring"]
 
     full = InfiniteBatches(a, 4, seed=3)
-    seq = [next(full)[1].tolist() for _ in range(7)]  # crosses epochs (3 batches per epoch)
+    seq = [next(full)[0] for _ in range(7)]  # images (4, c, H, W); crosses epochs (3 batches per epoch)
     resumed = InfiniteBatches(a, 4, seed=3, start_step=4)
-    assert [next(resumed)[1].tolist() for _ in range(3)] == seq[4:]
-    assert sorted(sum(seq[:3], [])) == sorted(a.labels.tolist())  # one epoch visits every image once
+    assert all(torch.equal(next(resumed)[0], x) for x in seq[4:])
+    # one epoch visits every image once: match each image to its index (the shapes are seeded, all distinct)
+    every = a.get_batch(range(len(a)))[0]  # (12, c, H, W)
+    seen = [j for x in torch.cat(seq[:3]) for j in range(len(a)) if torch.equal(every[j], x)]
+    assert sorted(seen) == list(range(len(a)))
     r0, r1 = InfiniteBatches(a, 3, rank=0, world_size=2, seed=3), InfiniteBatches(a, 3, rank=1, world_size=2, seed=3)
     (i0, _), (i1, _) = next(r0), next(r1)
     assert not any(torch.equal(i0[j], i1[j]) for j in range(3))  # ranks see different images
@@ -172,6 +177,22 @@ def test_encode_dataset_caches_by_fingerprint(tmp_path):
         tok.offset[0] = 5.0  # another tokenizer: the cache must be rebuilt
     fresh, _ = encode_dataset(tok, ds, 4, "cpu", tmp_path / "c.safetensors", progress=False)
     assert tok.calls == 6 and (fresh[:, 0] == 1).all()
+    other = SyntheticImages(10, 16, 3, num_classes=2, seed=1)  # other images, same tokenizer: rebuilt too
+    encode_dataset(tok, other, 4, "cpu", tmp_path / "c.safetensors", progress=False)
+    assert tok.calls == 9
+
+
+def test_folder_fingerprint_ignores_how_the_path_is_written(tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        _png(tmp_path / "data" / name / "0.png", (10, 20, 30))
+    monkeypatch.chdir(tmp_path)
+    relative, absolute = load_dataset("data", 8), load_dataset(tmp_path / "data", 8)
+    assert str(relative.files[0]) != str(absolute.files[0])
+    key = relative.fingerprint()
+    assert absolute.fingerprint() == key
+    assert load_dataset("data", 16).fingerprint() != key  # another resolution
+    _png(tmp_path / "data" / "b" / "0.png", (10, 20, 30), size=(30, 30))  # a file rewritten in place
+    assert load_dataset("data", 8).fingerprint() != key
 
 
 def test_split_folders_and_empty_classes_keep_labels_aligned(tmp_path):
@@ -185,6 +206,12 @@ def test_split_folders_and_empty_classes_keep_labels_aligned(tmp_path):
     train, test = load_dataset(tmp_path, 16), load_dataset(tmp_path, 16, split="test")
     assert train.class_names == test.class_names == ["a", "b", "c"]
     assert train.get_batch(range(3))[1].tolist() == [0, 1, 2] and test.get_batch(range(2))[1].tolist() == [0, 2]
+    (tmp_path / "test" / "b").rmdir()  # no folder at all: train/ still fixes the ids
+    test = load_dataset(tmp_path, 16, split="test")
+    assert test.class_names == ["a", "b", "c"] and test.get_batch(range(2))[1].tolist() == [0, 2]
+    _png(tmp_path / "test" / "d" / "0.png", (10, 10, 10))  # a class train/ lacks
+    with pytest.raises(UserError, match="class folder.* d .*not in the train split"):
+        load_dataset(tmp_path, 16, split="test")
     only_train = tmp_path / "only_train"
     for name in ("a", "b"):
         _png(only_train / "train" / name / "0.png", (10, 10, 10))
@@ -201,6 +228,23 @@ def test_broken_idx_files_are_user_errors(tmp_path):
     _write_idx(path, np.zeros((0, 28, 28)))
     with pytest.raises(UserError, match="no images"):
         read_idx(path)
+    raw = bytearray(gzip.compress(bytes(range(256)) * 64))
+    raw[20:40] = bytes(b ^ 0xFF for b in raw[20:40])  # flip bytes inside the deflate stream
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="cannot read IDX file .*train-images-idx3-ubyte.gz"):
+        read_idx(path)
+
+
+def test_idx_class_names_follow_the_folder_name(tmp_path):
+    # this test's name must not contain "fashion": tmp_path (the parent of "mnist") is named after it
+    for folder, labels in (("mnist", [3, 1, 9]), ("FashionMNIST/raw", [3, 1, 9]), ("emnist", [0, 11, 2])):
+        (tmp_path / folder).mkdir(parents=True)
+        _write_idx(tmp_path / folder / "train-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+        _write_idx(tmp_path / folder / "train-labels-idx1-ubyte.gz", np.array(labels))
+    mnist = load_dataset(tmp_path / "mnist", 32)
+    assert mnist.class_names == [str(i) for i in range(10)] and mnist.num_classes == 10
+    assert load_dataset(tmp_path / "FashionMNIST" / "raw", 32).class_names == list(FASHION_MNIST_CLASSES)
+    assert load_dataset(tmp_path / "emnist", 32).num_classes == 12  # labels.max() + 1, never 0
 
 
 def test_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
@@ -214,3 +258,16 @@ def test_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")
     with pytest.raises(UserError, match="float.tiff.*mode F"):
         load_image_array(tmp_path / "float.tiff", 32, 1)
+
+
+def test_float_images_are_skipped_when_indexing(tmp_path, caplog):
+    """Mode F passes `verify()` but never decodes: it is refused up front, and it does not count as grey."""
+    _png(tmp_path / "a.png", (10, 20, 30))
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with caplog.at_level(logging.WARNING, logger="bitdance.data"):
+        ds = load_dataset(tmp_path, resolution=8)
+    assert len(ds) == 1 and ds.skipped == 1 and ds.channels == 3
+    assert "float.tiff" in caplog.text and "mode F" in caplog.text
+    (tmp_path / "a.png").unlink()
+    _png(tmp_path / "b.png", 50, mode="L")
+    assert load_dataset(tmp_path, resolution=8).channels == 1

@@ -84,6 +84,23 @@ def test_defaults_come_from_the_generator_config(pipe):
     assert not torch.equal(a, d)
 
 
+def test_num_inference_steps_changes_the_diffusion_head_samples(pipe):
+    assert pipe.model.config.head == "diffusion"
+    one = pipe([0, 1], num_inference_steps=1, generator=gen(6), output_type="pt", progress=False).images
+    two = pipe([0, 1], num_inference_steps=2, generator=gen(6), output_type="pt", progress=False).images
+    assert not torch.equal(one, two)
+
+
+def test_bitwise_head_warns_that_it_has_no_flow_steps(pipe):
+    torch.manual_seed(0)
+    model = BitDance(BITDANCE_PRESETS["tiny"](head="bitwise", num_classes=3, token_bits=8))
+    bitwise = BitDancePipeline(pipe.tokenizer, model, NAMES)
+    with pytest.warns(UserWarning, match="bitwise head"):
+        a = bitwise([0], num_inference_steps=7, generator=gen(), output_type="pt", progress=False).images
+    b = bitwise([0], generator=gen(), output_type="pt", progress=False).images
+    assert torch.equal(a, b)  # the steps really are ignored
+
+
 def test_class_names_and_labels(pipe):
     assert pipe.class_ids(["Ring", "circle", 1, "2"]) == [2, 0, 1, 2]
     assert pipe.class_ids(np.int64(1)) == pipe.class_ids(torch.tensor(1)) == pipe.class_ids("square") == [1]
@@ -96,6 +113,9 @@ def test_class_names_and_labels(pipe):
         pipe(["blob"])
     with pytest.raises(UserError, match="out of range"):
         pipe([3])
+    for bad in (1.7, [0, 1.0], np.float32(1), torch.tensor(1.5), True, [np.bool_(False)], torch.tensor(True)):
+        with pytest.raises(UserError, match="integer ids or class names"):
+            pipe.class_ids(bad)
 
 
 def test_class_names_that_look_like_numbers_are_names_first():

@@ -18,13 +18,14 @@ import hashlib
 import logging
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitdance.utils import UserError, atomic_path, file_stat_key, files_fingerprint, first_line
+from bitdance.utils import UserError, atomic_path, files_fingerprint, first_line
 
 log = logging.getLogger("bitdance.data")
 
@@ -37,6 +38,7 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 PAD_MIN_FRACTION = 0.75  # pad (never resample) images at least this fraction of the target size
+FLOAT_MODE_ERROR = "floating-point pixels (mode F) have no agreed range; save the image as 8 or 16 bits"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +107,9 @@ class FolderImages(ImageDataset):
     fails to decode later is logged by name and replaced by the next good one, so a run never stops on it."""
 
     def __init__(self, files: list[Path], labels: list[int], resolution: int, channels: int,
-                 class_names=None, skipped: int = 0, source: str = ""):
+                 class_names=None, skipped: int = 0, source: str = "", root: str | os.PathLike | None = None):
         self.files = files
+        self.root = Path(source if root is None else root)  # files are keyed relative to it
         self.labels = labels
         self.resolution = resolution
         self.channels = channels
@@ -136,9 +139,10 @@ class FolderImages(ImageDataset):
         raise UserError(f"no readable image left in {self.source}")
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(f"{self.resolution}/{self.channels}".encode())
-        for f, y in zip(self.files, self.labels):
-            h.update(f"{file_stat_key(f)}|{y}\n".encode())
+        # relative names: the same folder reached by another path (relative, absolute, a mount) keeps its key
+        files = files_fingerprint(self.files, self.root)
+        h = hashlib.sha256(f"{self.resolution}/{self.channels}/{files}".encode())
+        h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
 
@@ -217,7 +221,11 @@ def load_dataset(path: str | os.PathLike, resolution: int, channels: int | None 
     if channels not in (None, 1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels}")
     root, folder = _split_source(path, split)
-    return load_idx(root, resolution, channels, split) if folder is None else load_folder(folder, resolution, channels)
+    if folder is None:
+        return load_idx(root, resolution, channels, split)
+    # split on disk: train/ fixes the classes and their ids for every split
+    class_names = _class_names(root / "train") if folder not in (root, root / "train") else None
+    return load_folder(folder, resolution, channels, class_names)
 
 
 def data_fingerprint(path: str | os.PathLike, split: str = "test") -> str:
@@ -260,7 +268,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt deflate stream inside the gzip
         raise UserError(f"cannot read IDX file {path}: {e}")
     if len(raw) < 8:
         raise UserError(f"{path} is too short to be an IDX file")
@@ -281,7 +289,8 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def load_idx(folder: Path, resolution: int, channels: int | None = None, split: str = "train") -> TensorImages:
-    """Fashion-MNIST (or MNIST) IDX files -> an in-memory dataset with the 10 Fashion-MNIST class names."""
+    """Fashion-MNIST (or MNIST) IDX files -> an in-memory dataset. Class names: the 10 Fashion-MNIST ones when
+    the folder is recognisably Fashion-MNIST (its name or its parent's contains "fashion"), else "0", "1", ..."""
     if split not in IDX_FILES:
         raise UserError(f"split must be one of {', '.join(IDX_FILES)} for IDX data, got {split!r}")
     files = _find_idx(folder, split)
@@ -293,26 +302,37 @@ def load_idx(folder: Path, resolution: int, channels: int | None = None, split: 
     x = torch.from_numpy(images.copy())[:, None]  # (N, 1, h, w)
     x = fit_uint8(x, resolution, background=0)  # Fashion-MNIST backgrounds are black
     x = convert_channels(x, channels or 1)
-    names = FASHION_MNIST_CLASSES if int(labels.max()) < 10 else None
+    num_classes = int(labels.max()) + 1
+    here = folder.resolve()
+    # the parent too: torchvision keeps the files in FashionMNIST/raw/
+    fashion = any("fashion" in p.name.lower() for p in (here, here.parent))
+    names = FASHION_MNIST_CLASSES if fashion and num_classes <= 10 else [str(i) for i in range(num_classes)]
     return TensorImages(x, torch.from_numpy(labels.astype(np.int64)), names, source=f"{folder}:{split}")
 
 
-def load_folder(folder: Path, resolution: int, channels: int | None = None) -> FolderImages:
-    """Class subfolders (sorted names -> labels 0..C-1) or a flat folder (labels -1). Bad files are skipped."""
-    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    class_files = {d.name: _image_files(d, recursive=True) for d in subdirs}
-    if any(class_files.values()):
+def load_folder(folder: Path, resolution: int, channels: int | None = None,
+                class_names: list[str] | None = None) -> FolderImages:
+    """Class subfolders (sorted names -> labels 0..C-1) or a flat folder (labels -1). Bad files are skipped.
+
+    `class_names` (the train split's, for another split) fixes the classes and their ids: a class folder
+    missing here keeps the ids of the others, and one not in the list is an error."""
+    class_files = {d.name: _image_files(d, recursive=True) for d in _subfolders(folder)}
+    if class_names is not None:
+        unknown = sorted(set(class_files) - set(class_names))
+        if unknown:
+            raise UserError(f"{folder}: class folder(s) {', '.join(unknown)} are not in the train split")
+    elif any(class_files.values()):
         # every subfolder is a class, empty or not, so a class keeps its label in every split of a data set
         class_names = sorted(class_files)
-        empty = [name for name in class_names if not class_files[name]]
+    if class_names is not None:
+        empty = [name for name in class_names if not class_files.get(name)]
         if empty:
             log.warning("%s: no images in class folder(s) %s", folder, ", ".join(empty))
         loose = _image_files(folder, recursive=False)
         if loose:
             log.warning("%s: ignoring %d images outside the class subfolders", folder, len(loose))
-        entries = [(f, y) for y, name in enumerate(class_names) for f in class_files[name]]
+        entries = [(f, y) for y, name in enumerate(class_names) for f in class_files.get(name, [])]
     else:
-        class_names = None
         entries = [(f, -1) for f in _image_files(folder, recursive=False)]
     if not entries:
         raise UserError(f"no images found in {folder} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -324,20 +344,32 @@ def load_folder(folder: Path, resolution: int, channels: int | None = None) -> F
         try:
             with Image.open(f) as im:
                 mode = im.mode
+                if mode == "F":  # load_image_array refuses it: skip it now, not on every epoch
+                    raise ValueError(FLOAT_MODE_ERROR)
                 im.verify()  # cheap integrity check (chunk CRCs, headers) without decoding pixels
         except Exception as e:
             skipped += 1
             log.warning("skipping unreadable image %s: %s", f, _short(e))
             continue
-        grey = grey and mode in ("1", "L", "LA", "I", "I;16", "F")
+        grey = grey and mode in ("1", "L", "LA", "I", "I;16")
         good.append((f, y))
     if skipped:
         log.warning("%s: skipped %d unreadable image(s), using %d", folder, skipped, len(good))
     if not good:
         raise UserError(f"no readable images in {folder} ({skipped} unreadable)")
     ds = FolderImages([f for f, _ in good], [y for _, y in good], resolution, channels or (1 if grey else 3),
-                      class_names, skipped, source=str(folder))
+                      class_names, skipped, source=str(folder), root=folder)
     return ds
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _class_names(folder: Path) -> list[str] | None:
+    """The class names `load_folder(folder)` gives: its subfolders if any holds an image, else None (flat)."""
+    subdirs = _subfolders(folder)
+    return [d.name for d in subdirs] if any(_image_files(d, recursive=True) for d in subdirs) else None
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
@@ -360,7 +392,7 @@ def load_image_array(path: str | os.PathLike, resolution: int, channels: int) ->
     try:
         with Image.open(path) as im:
             if im.mode == "F":
-                raise ValueError("floating-point pixels (mode F) have no agreed range; save the image as 8 or 16 bits")
+                raise ValueError(FLOAT_MODE_ERROR)
             if im.mode.startswith("I"):  # 16-bit greyscale: convert("L") would clip at 255, not rescale
                 deep = np.asarray(im, dtype=np.float64)
                 # "I;16*" is 16-bit by definition; a 32-bit "I" image may hold 8-bit values (some writers do that)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 
 @dataclass
 class ImageOutput:
-    images: Any  # list of PIL images | np.ndarray uint8 (n, H, W, c) | torch.Tensor (n, c, H, W) in [-1, 1]
+    images: Any  # list of PIL images | np.ndarray uint8 (n, H, W, c) | torch.Tensor float32 (n, c, H, W) in [-1, 1]
 
 
 def builtin_path() -> Path:
@@ -172,14 +173,17 @@ class BitDancePipeline:
         return h * f, w * f
 
     def class_ids(self, labels) -> list[int]:
-        """Class ids from ints or class names (case-insensitive); UserError on an unknown one."""
+        """Class ids from ints or class names (case-insensitive); UserError on an unknown one, a float or a bool."""
         if isinstance(labels, str) or np.ndim(labels) == 0:  # one label: int, str, NumPy scalar, 0-d tensor
             labels = [labels]
         lookup = {name.lower(): i for i, name in enumerate(self.class_names)}
         ids = []
         for lab in labels:
-            if torch.is_tensor(lab) or isinstance(lab, np.integer):
-                lab = int(lab)
+            if isinstance(lab, (torch.Tensor, np.generic)) and lab.ndim == 0:
+                lab = lab.item()  # a Python int, float or bool
+            # int(1.7) would quietly pick class 1, and True is an int to Python
+            if isinstance(lab, bool) or not isinstance(lab, (int, str)):
+                raise UserError(f"class labels must be integer ids or class names, got {lab!r}")
             if isinstance(lab, str):  # a name first: class folders may be named "1", "10", "2"
                 if lab.lower() in lookup:
                     lab = lookup[lab.lower()]
@@ -199,13 +203,21 @@ class BitDancePipeline:
                  cfg_schedule: str | None = None, use_cache: bool = True, temperature: float | None = None):
         """One image per class label (ids or names; None: one per class). The generator may live on the CPU or
         on the pipeline's device (a CPU generator gives the same images on any device, up to rounding).
-        num_inference_steps = head (flow) steps per AR step; temperature = the head's sampling temperature (diffusion
-        head: the scale of the flow sampler's per-step noise, 1 = official; None: the model's)."""
+        num_inference_steps = head (flow) steps per AR step (a bitwise head samples in one shot and ignores them);
+        temperature = the head's sampling temperature (diffusion head: the scale of the flow sampler's per-step
+        noise, 1 = official; None: the model's).
+
+        output_type: "pil" -> a list of PIL images ('L' or 'RGB'); "np" -> uint8 (n, H, W, c) in 0..255; "pt" ->
+        float32 (n, c, H, W) in [-1, 1], the tokenizer's range (not diffusers' [0, 1]: use (x + 1) / 2)."""
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         ids = list(range(self.num_classes)) if class_labels is None else self.class_ids(class_labels)
         if not ids:
             raise UserError("no class labels given")
+        if num_inference_steps is not None and self.model.config.head == "bitwise":
+            # a warning shows once per call site, not on every batch of a sampling loop
+            warnings.warn("num_inference_steps is ignored: the bitwise head samples each token in one shot "
+                          "(it has no flow steps)", stacklevel=2)
         device = self.device
         labels = torch.tensor(ids, dtype=torch.long, device=device)  # (b,)
         # inference_mode skips autograd bookkeeping on every op: sampling is thousands of small ops
