@@ -15,6 +15,7 @@ Images/s is the sampler alone (tokens + decoding to pixels), at --batch-size, on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -67,23 +68,26 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     done_path = out / "results.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else []
     rows = []
-    # a row is reused only if everything that decides its figures is the same: the model's files, the data, the
-    # classifier, the Inception file and the device type included (a retrained model at the same path is new)
+    # a row is reused only if everything that decides its figures is the same: the files of the model, the data,
+    # the classifier and the Inception network (a retrained one at the same path is new) and the device type
     common_key = {"model": model, "model_files": model_fingerprint(model), "steps": args.steps,
                   "cfg_schedule": args.cfg_schedule, "num_samples": args.num_samples, "seed": args.seed,
                   **({} if args.temperature is None else {"temperature": args.temperature}),  # old rows stay valid
                   "batch_size": args.batch_size, "data": args.data, "classifier": args.classifier,
-                  "inception": args.inception, "device": device.type}
+                  "inception": args.inception, "device": device.type,
+                  "evaluator_files": evaluator_fingerprint(args)}
     for cfg in args.cfg:
         key = {**common_key, "cfg": cfg}
         same = [r for r in done if r.get("key") == key]
         if same:  # scored by an earlier run of this script: keep it
             rows.append(same[0])
             continue
-        # files named by every sampling setting, so another setting in the same folder never overwrites them
+        # files named by the sampling settings and a digest of the whole key, so another model or setting scored
+        # into the same folder never overwrites them
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         tag = (f"cfg{'default' if cfg is None else f'{cfg:g}'}_steps{args.steps or 'default'}_"
                f"{args.cfg_schedule or 'default'}_{temperature_tag(args.temperature)}"
-               f"seed{args.seed}_n{args.num_samples}")
+               f"seed{args.seed}_n{args.num_samples}_{digest}")
         sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, cfg_schedule=args.cfg_schedule,
                          temperature=args.temperature, device=device)
         generate_samples(pipe, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
@@ -114,6 +118,19 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
         kept = [r for r in done if r not in rows]  # other settings and models scored earlier
         write_json(rows + kept, done_path)
     return rows
+
+
+def evaluator_fingerprint(args) -> str:
+    """A cheap key (stat only) for the files that score a sample set: the reference split, the classifier and
+    the Inception network (the wheel's when --inception is not given)."""
+    from bitdance.data import data_fingerprint
+    from bitdance.evaluation.fid import find_default_inception
+    from bitdance.utils import files_fingerprint
+
+    classifier = sorted(f for f in Path(args.classifier).glob("*") if f.is_file())
+    inception = Path(args.inception) if args.inception else find_default_inception()
+    return "|".join((data_fingerprint(args.data, "test"), files_fingerprint(classifier, args.classifier),
+                     files_fingerprint([inception] if inception else [], "/")))
 
 
 def temperature_tag(temperature: float | None) -> str:

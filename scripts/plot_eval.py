@@ -22,7 +22,9 @@ from pathlib import Path
 
 
 def steps_of(row: dict) -> int | None:
-    return row.get("steps") or row.get("settings", {}).get("num_inference_steps")
+    """The head steps a row was sampled with: asked for, or the model's own (recorded since it is resolved)."""
+    settings = row.get("settings", {})
+    return row.get("steps") or settings.get("num_inference_steps") or settings.get("head_steps")
 
 
 def temperature_of(row: dict) -> float:
@@ -53,6 +55,8 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
 
     x_of, x_label = AXES[x]
     rows = [r for r in rows if x_of(r) is not None]
+    if not rows:
+        raise SystemExit(f"plot_eval.py: error: no row records its {x_label}")
     groups: dict[str, list[dict]] = {}
     for r in sorted(rows, key=x_of):
         groups.setdefault(series_name(r, x), []).append(r)
@@ -82,8 +86,10 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    from bitdance.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
 

@@ -32,6 +32,7 @@ from bitdance.evaluation import (
     save_npz,
 )
 from bitdance.evaluation.classifier import fit_classifier, load_classifier
+from bitdance.evaluation.fid import equal_size
 from bitdance.evaluation.npz import balanced_labels
 from bitdance.utils import UserError, write_json
 
@@ -163,6 +164,17 @@ def test_precision_recall_and_inception_score_math():
     assert precision_recall(a, a.clone()) == (1.0, 1.0)
     assert precision_recall(a, a + 100.0) == (0.0, 0.0)
     assert precision_recall(a[:3], a) == (None, None)  # fewer than k + 1 points
+    # by hand, k = 1 on a line: real {0, 1, 2, 10} has radii (1, 1, 1, 8);
+    # fake {0.5, 5, 5.5, -20, -21} has radii (4.5, 0.5, 0.5, 1, 1)
+    real = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    fake = torch.tensor([[0.5], [5.0], [5.5], [-20.0], [-21.0]])
+    precision, recall = precision_recall(real, fake, k=1)
+    assert precision == pytest.approx(3 / 5)  # 0.5 near 0, 5 and 5.5 within 8 of 10; -20 and -21 are far
+    assert recall == pytest.approx(3 / 4)  # 0, 1, 2 within 4.5 of 0.5; 10 is 4.5 from 5.5 (radius 0.5)
+    # sets of unequal size are cut to the smaller one's, a seeded subset of the larger
+    r, f = equal_size(torch.arange(10.0)[:, None], torch.zeros(4, 1))
+    assert r.shape == f.shape == (4, 1) and len(set(r.flatten().tolist())) == 4
+    assert torch.equal(r, equal_size(torch.arange(10.0)[:, None], torch.zeros(4, 1))[0])
     assert inception_score(torch.zeros(20, 5))[0] == pytest.approx(1.0)  # uniform predictions
     confident = torch.eye(5).repeat(4, 1) * 50.0  # 20 confident predictions spread over 5 classes
     assert inception_score(confident, splits=1)[0] == pytest.approx(5.0, rel=1e-3)
@@ -174,7 +186,8 @@ def test_inception_score_when_extractor_has_logits():
     real = smooth_images(40)
     stats = compute_reference_stats(ListDataset(real), ext, progress=False)
     r = fid_from_images(stats, [real], ext, progress=False)
-    assert r["inception_score"] is not None and 1.0 <= r["inception_score"] <= 5.0
+    logits = ext.net(ext._preprocess(torch.as_tensor(real).permute(0, 3, 1, 2)))[1]
+    assert r["inception_score"] == pytest.approx(inception_score(logits)[0], rel=1e-5)
     assert tiny_extractor().has_logits is False
 
 
@@ -194,6 +207,17 @@ def test_reference_stats_cached_once(idx_folder, tmp_path):
     # another count is another key, hence another file
     third, path3, cached3 = cached_reference_stats(idx_folder, ext, max_images=20, **kw)
     assert not cached3 and path3 != path and third.count == 20
+    # whatever else decides the features is part of the key too: resolution, channels, extractor, kept features
+    for change in (dict(resolution=32), dict(channels=3), dict(keep_features=7)):
+        other, other_path, other_cached = cached_reference_stats(idx_folder, ext, **{**kw, **change})
+        assert not other_cached and other_path != path, change
+    other_path, other_cached = cached_reference_stats(idx_folder, tiny_extractor(d=8), **kw)[1:]
+    assert not other_cached and other_path != path
+    # a damaged cache file is measured again and rewritten
+    path.write_bytes(b"not a checkpoint")
+    again, path_again, cached_again = cached_reference_stats(idx_folder, ext, **kw)
+    assert not cached_again and path_again == path and torch.equal(again.cov_sum, first.cov_sum)
+    assert cached_reference_stats(idx_folder, ext, **kw)[2]
     # a cache folder that cannot be written: the statistics are still returned, with a warning
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the cache folder should be")
@@ -303,6 +327,8 @@ def test_classifier_learns_separable_set_and_round_trips(tmp_path):
         assert torch.equal(model(x[:8]), loaded(x[:8]))
     with pytest.raises(UserError, match="outside"):
         accuracy(model, test_u8[:2, ..., None], [0, 7])
+    with pytest.raises(UserError, match="label -1 is outside"):  # an unlabelled image has no class to match
+        accuracy(model, test_u8[:2, ..., None], [0, -1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +396,7 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
     class FakePipeline:  # draws each class's own bar pattern, so a good generator is 100% consistent
         calls: list = []
         schedules: list = []
-        num_classes = 3  # the tiny IDX data has 3 classes (its loader still names the 10 Fashion-MNIST ones)
+        num_classes = 3  # the tiny IDX data has 3 classes (named "0", "1", "2": its folder is not called fashion)
 
         @classmethod
         def from_pretrained(cls, path):

@@ -89,8 +89,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
 
 def _load_samples(args, num_classes: int | None, device):
     """(images uint8 (n, H, W, c), labels or None, source description) from --samples or --model."""
-    import numpy as np
-
+    from bitdance.data import eval_indices
     from bitdance.evaluation.npz import generate_samples, load_npz, save_npz
     from bitdance.flow import check_temperature
 
@@ -114,9 +113,8 @@ def _load_samples(args, num_classes: int | None, device):
         if args.num_samples is not None:
             if args.num_samples > images.shape[0]:
                 raise UserError(f"--num-samples {args.num_samples}: {args.samples} holds {images.shape[0]}")
-            # an even stride, not the first N: sample files are often written in label order
-            pick = np.linspace(0, images.shape[0] - 1, args.num_samples).round().astype(np.int64)
-            images = images[pick]
+            pick = eval_indices(images.shape[0], args.num_samples).numpy()  # not the first N: files are often
+            images = images[pick]  # written in label order
             labels = labels[pick] if labels is not None else None
         return images, labels, {"samples": args.samples, "num_samples": int(images.shape[0])}
     images, labels, settings = generate_samples(

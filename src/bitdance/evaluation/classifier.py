@@ -108,8 +108,9 @@ def accuracy(classifier: Classifier, images, labels, batch_size: int = 256) -> f
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)  # (n,)
     if labels.shape[0] != len(images):
         raise UserError(f"{labels.shape[0]} labels for {len(images)} images")
-    if labels.numel() and int(labels.max()) >= classifier.config.num_classes:
-        raise UserError(f"label {int(labels.max())} is outside the classifier's "
+    outside = labels[(labels < 0) | (labels >= classifier.config.num_classes)]
+    if outside.numel():  # -1 marks an unlabelled image: it has no class to be consistent with
+        raise UserError(f"label {int(outside[0])} is outside the classifier's "
                         f"{classifier.config.num_classes} classes")
     return (classifier.predict(images, batch_size) == labels).double().mean().item()
 

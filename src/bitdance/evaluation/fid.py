@@ -340,9 +340,13 @@ def cached_reference_stats(data_path, extractor: nn.Module, resolution: int, cha
     key["content"] = data_fingerprint(data_path, split) if Path(data_path).is_dir() else None  # not in the name
     path = Path(cache_dir or default_cache_dir()) / f"fid_ref_{digest}.pt"
     if path.is_file():
-        stats = ReferenceStats.load(path)
-        if stats.key == key:
-            return stats, path, True
+        try:
+            stats = ReferenceStats.load(path)
+        except UserError as e:  # a damaged cache is only a cache: measure again and write it anew
+            log.warning("ignoring the unreadable reference statistics in %s (%s)", path, first_line(e))
+        else:
+            if stats.key == key:
+                return stats, path, True
     dataset = open_dataset(data_path, resolution, channels, split)
     stats = compute_reference_stats(dataset, extractor, batch_size=batch_size, max_images=max_images,
                                     keep_features=keep_features, device=device, progress=progress)
@@ -390,6 +394,15 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: 
     return precision, recall
 
 
+def equal_size(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets cut to the smaller one's size (a seeded random subset of the larger): the k-NN radii
+    of precision/recall depend on how dense a set is, so the protocol compares sets of equal size."""
+    n = min(real.shape[0], fake.shape[0])
+    g = torch.Generator().manual_seed(seed)
+    return tuple(f if f.shape[0] == n else f[torch.randperm(f.shape[0], generator=g)[:n].to(f.device)]
+                 for f in (real, fake))
+
+
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) over `splits` chunks: (mean, std)."""
     splits = max(1, min(splits, logits.shape[0]))
@@ -427,12 +440,13 @@ def fid_from_images(real_stats: ReferenceStats, fake_images: Iterable, extractor
                         f"the extractor gives {tap.num_features}")
     fid = float(metric.compute())
     precision = recall = None  # keep_features 0: no precision/recall
-    if tap.kept and real_stats.features.shape[0]:
-        precision, recall = precision_recall(real_stats.features, tap.features, k=k)
+    real_feats, fake_feats = equal_size(real_stats.features, tap.features if tap.kept else real_stats.features[:0])
+    if real_feats.shape[0]:
+        precision, recall = precision_recall(real_feats, fake_feats, k=k)
     result = {"fid": fid, "precision": precision, "recall": recall, "inception_score": None,
               "inception_score_std": None, "num_samples": int(metric.fake_features_num_samples),
               "num_reference": real_stats.count,
-              "pr_features": {"real": int(real_stats.features.shape[0]), "fake": tap.kept, "k": k}}
+              "pr_features": {"real": int(real_feats.shape[0]), "fake": int(fake_feats.shape[0]), "k": k}}
     if tap.logits:
         result["inception_score"], result["inception_score_std"] = inception_score(torch.cat(tap.logits))
     return result
@@ -458,6 +472,8 @@ def evaluate_samples(samples, labels, data_path, split: str = "test", extractor:
     n, h, w, c = samples.shape
     if h != w:
         raise UserError(f"samples must be square, got {h}x{w}")
+    if n < 2:  # before the reference statistics, which can take minutes
+        raise UserError(f"FID needs at least 2 samples, got {n}")
     if extractor is None:
         extractor = InceptionFeatures(inception)
     device = torch.device(device or "cpu")

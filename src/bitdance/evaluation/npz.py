@@ -132,9 +132,11 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                    temperature=temperature)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
     source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    model_config = getattr(getattr(pipe, "model", None), "config", None)  # None for a stand-in pipeline
+    head_steps = num_inference_steps or getattr(model_config, "num_sampling_steps", None)  # what was used
     settings = {"model": source, "num_samples": num_samples, "num_classes": int(num_classes),
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
-                "batch_size": batch_size, "num_inference_steps": num_inference_steps,
+                "batch_size": batch_size, "num_inference_steps": num_inference_steps, "head_steps": head_steps,
                 "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
                 "dtype": str(getattr(pipe, "dtype", dtype or "float32")).removeprefix("torch.")}
     return np.concatenate(images), labels, settings
