@@ -75,7 +75,7 @@ def train_all(args) -> dict[str, float]:
     """Train the variants (args.jobs at a time); returns each one's wall time in seconds."""
     from bitdance.data import encode_dataset, load_dataset
     from bitdance.train import load_tokenizer
-    from bitdance.utils import resolve_device
+    from bitdance.utils import resolve_device, write_json
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,26 +84,59 @@ def train_all(args) -> dict[str, float]:
     data = load_dataset(args.data, tok.config.resolution, tok.config.in_channels, split="train")
     encode_dataset(tok, data, 256, device, out / "tokens.safetensors")
 
-    todo = [n for n in args.variants if not (out / n / "model" / "model_index.json").is_file()]
+    todo = [n for n in args.variants if not trained_before(args, n)]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     walls: dict[str, float] = {}
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            name = todo.pop(0)
-            (out / name).mkdir(exist_ok=True)
-            cmd = train_command(args, name)
-            print("$", " ".join(cmd), flush=True)
-            log = open(out / name / "train.out", "a")
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.perf_counter())
-        time.sleep(2)
-        for name, (proc, start) in list(running.items()):
-            if proc.poll() is not None:
-                del running[name]
-                if proc.returncode != 0:
-                    raise SystemExit(f"{name}: training failed (exit {proc.returncode}); see {out / name}/train.out")
-                walls[name] = time.perf_counter() - start
-                print(f"{name}: trained in {walls[name] / 60:.1f} min", flush=True)
+    try:
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                name = todo.pop(0)
+                (out / name).mkdir(exist_ok=True)
+                cmd = train_command(args, name)
+                write_json(train_settings(args, name), out / name / COMMAND_FILE)
+                print("$", " ".join(cmd), flush=True)
+                with open(out / name / "train.out", "a") as log:  # the child keeps its own copy of the handle
+                    running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT),
+                                     time.perf_counter())
+            time.sleep(2)
+            for name, (proc, start) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{name}: training failed (exit {proc.returncode}); "
+                                         f"see {out / name}/train.out")
+                    walls[name] = time.perf_counter() - start
+                    print(f"{name}: trained in {walls[name] / 60:.1f} min", flush=True)
+    finally:  # a failure (or Ctrl-C) must not leave the other runs holding the machine
+        for proc, _ in running.values():
+            proc.terminate()
     return walls
+
+
+COMMAND_FILE = "train_command.json"
+
+
+def train_settings(args, name: str) -> list[str]:
+    """The training command without the launcher's path and the device: what decides the model."""
+    cmd = train_command(args, name)[len(bitdance_cmd()):]
+    return cmd[:-2] if args.device else cmd
+
+
+def trained_before(args, name: str) -> bool:
+    """True if OUT/NAME holds a finished model trained by this same command (it is reused); a finished model of
+    other settings is refused rather than silently scored as if it were this run's."""
+    from bitdance.utils import read_json
+
+    folder = Path(args.out) / name
+    if not (folder / "model" / "model_index.json").is_file():
+        return False
+    saved = read_json(folder / COMMAND_FILE) if (folder / COMMAND_FILE).is_file() else None
+    if saved is not None and saved != train_settings(args, name):
+        raise SystemExit(f"{folder} holds a model trained with other settings (see {folder / COMMAND_FILE}); "
+                         "choose another --out, or delete it to train again")
+    print(f"{name}: reusing the model in {folder}" + ("" if saved else " (trained before commands were recorded)"),
+          flush=True)
+    return True
 
 
 def plot(rows: list[dict], path: Path, speed: dict | None = None) -> None:
