@@ -271,3 +271,28 @@ def test_vq_tokenizer_weights_load_from_a_safetensors_file(tmp_path):
     back = ImageTokenizer.from_official(tmp_path / "vq.safetensors")  # config inferred: 3-D codebook -> vq
     assert back.config.quantizer == "vq" and back.quantize.usage_ema.device.type == "cpu"
     assert torch.equal(back.encode_indices(_images()), m.encode_indices(_images()))
+
+
+def test_official_folder_round_trip_keeps_a_non_default_group_size(tmp_path):
+    m = _model(group_size=4).eval()
+    back = ImageTokenizer.from_official(save_official(m, tmp_path / "g4"))
+    assert back.config == m.config and back.config.group_size == 4
+    assert torch.equal(back.encode_indices(_images()), m.encode_indices(_images()))  # 4 groups of 4 bits
+    # the default group size writes no extra key: the official pipeline's VQModel(**ae_config) would refuse one
+    assert "num_codebooks" not in official_ae_config(_tiny())
+
+
+def test_bf16_model_forward_runs_on_cpu():
+    """forward used to hand the quantizer's fp32 codes to a bf16 decoder ("Input type (float) and bias type")."""
+    m = _model().to(torch.bfloat16).train()
+    out = m(_images(n=1))
+    assert out.reconstruction.dtype == torch.bfloat16 and out.reconstruction.shape == (1, 3, 16, 16)
+    assert torch.isfinite(out.reconstruction.float()).all()
+
+
+def test_encode_builds_no_graph_and_never_restarts_vq_codewords():
+    m = _model(quantizer="vq").train()  # train mode: a forward pass would restart unused codewords
+    book = m.quantize.codebook.detach().clone()
+    codes = m.encode(_images())
+    assert not codes.requires_grad and not m.encode_indices(_images()).requires_grad
+    assert torch.equal(m.quantize.codebook, book)

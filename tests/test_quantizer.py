@@ -63,12 +63,17 @@ def test_straight_through_gradient_is_identity():
     assert torch.allclose(x.grad, w)
 
 
-def _naive_entropy(x, T=0.01):
-    """Direct transcription of the MAGVIT-2 / official formula on (m, G, g) tokens, per group."""
+def _naive_entropy(x, T=0.01, pool_groups=False):
+    """The MAGVIT-2 entropy terms written out on (m, G, g) tokens. The codebook entropy is per group (H of each
+    group's batch-mean p, averaged over groups: our default), or with `pool_groups` H of the batch-mean p pooled
+    over tokens and groups alike, which is what the official gfq.py computes."""
     C = all_codes(x.shape[-1])
-    p = F.softmax(2 * torch.einsum("mgd,kd->mgk", x, C) / T, dim=-1)
+    p = F.softmax(2 * torch.einsum("mgd,kd->mgk", x, C) / T, dim=-1)  # (m, G, K)
     sample = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
-    avg = p.mean(0)
+    if pool_groups:
+        avg = p.mean((0, 1))  # (K,)
+        return sample, -(avg * torch.log(avg + 1e-5)).sum()
+    avg = p.mean(0)  # (G, K)
     book = -(avg * torch.log(avg + 1e-5)).sum(-1).mean()
     return sample, book
 
@@ -83,6 +88,17 @@ def test_entropy_matches_formula_and_chunking_is_exact():
     g_chunk = torch.autograd.grad(s_c - b_c, x)[0]
     assert torch.allclose(s_c, s, atol=1e-6) and torch.allclose(b_c, b, atol=1e-6)
     assert torch.allclose(g_chunk, g_full, rtol=1e-4, atol=1e-5) and g_full.abs().sum() > 0
+
+
+def test_pooled_codebook_entropy_matches_the_official_pooled_formula():
+    x = torch.randn(40, 3, 4, generator=_gen(2)) * 0.02
+    x[:, 0] += 0.05  # groups that prefer different codes: pooling then differs from the per-group mean
+    s_ref, b_ref = _naive_entropy(x, pool_groups=True)
+    s, b = entropy_terms(x, pool_groups=True)
+    assert torch.allclose(s, s_ref, atol=1e-5) and torch.allclose(b, b_ref, atol=1e-5)
+    assert not torch.allclose(b, entropy_terms(x)[1], atol=1e-3)  # the two modes are not the same number
+    s_c, b_c = entropy_terms(x, pool_groups=True, max_elements=3 * 16 * 7)  # chunked: the same
+    assert torch.allclose(s_c, s, atol=1e-6) and torch.allclose(b_c, b, atol=1e-6)
 
 
 def test_entropy_loss_prefers_balanced_codes_to_collapsed():

@@ -102,6 +102,13 @@ def test_error_paths_give_one_line(trained, folder, tmp_path, capsys):
     line = _error_line(capsys, ["tokenizer", "train", "--data", str(folder), "--preset", "tiny", "--steps", "1",
                                 "--disc-weight", "0.1", "--disc-lr", "0", "--out", str(tmp_path / "r")])
     assert "--disc-lr must be > 0" in line  # 0 used to fall back to --lr without a word
+    line = _error_line(capsys, ["tokenizer", "train", "--data", str(folder), "--preset", "tiny", "--steps", "1",
+                                "--disc-warmup", "10", "--out", str(tmp_path / "r")])
+    assert "--disc-warmup has no effect with --disc-weight 0" in line
+    for scale in ("0", "-1"):  # 0 quietly meant the default, -1 was a PIL traceback
+        line = _error_line(capsys, ["tokenizer", "reconstruct", "--model", str(trained / "model"), "--scale", scale,
+                                    str(folder / "circle" / "img0.png"), "--out", str(tmp_path)])
+        assert "--scale must be at least 1" in line
 
 
 def test_help_explains_every_flag(capsys):

@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import re
+import shutil
 import signal
 
 import pytest
@@ -112,6 +114,22 @@ def test_resume_continues_from_the_saved_step_and_matches_one_run(data_dir, tmp_
         run(_cfg(data_dir, tmp_path / "new", resume=str(tmp_path / "missing")))
 
 
+def test_gan_run_resumes_exactly_with_its_discriminator(data_dir, tmp_path, monkeypatch):
+    gan = dict(steps=4, disc_weight=0.1, disc_start=1)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(_cfg(data_dir, straight, **gan))
+    _run_with_ctrl_c_in_step(_cfg(data_dir, split, **gan), 2, monkeypatch)
+    run(_cfg(data_dir, split, **gan))
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(split / "checkpoint.pt")
+    for key in ("model", "disc", "lecam"):  # the discriminator and the LeCAM EMAs came back too
+        for k, v in a[key].items():
+            assert torch.allclose(v.float(), b[key][k].float(), atol=1e-6), (key, k)
+    # going on without --disc-weight would drop the discriminator from the next checkpoint: refused
+    with pytest.raises(UserError, match="trained with a discriminator"):
+        run(_cfg(data_dir, split, steps=6))
+    assert "disc" in load_checkpoint(split / "checkpoint.pt")
+
+
 def test_vq_and_gan_paths_run(data_dir, tmp_path):
     out = tmp_path / "vq"
     run(_cfg(data_dir, out, steps=2, quantizer="vq", disc_weight=0.1, disc_start=1, log_every=1))
@@ -185,3 +203,61 @@ def test_bad_loop_options_are_refused_before_training(data_dir, tmp_path, bad):
     with pytest.raises(UserError, match="must be"):
         run(_cfg(data_dir, tmp_path / "run", **bad))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_bad_eval_split_fails_before_training(data_dir, tmp_path, monkeypatch):
+    """The eval set is opened at startup: a mistyped split must not cost a whole run (and its export)."""
+    split_data = tmp_path / "data"
+    shutil.copytree(data_dir, split_data / "train")  # a train/ folder and no test/ or val/
+    monkeypatch.setattr(tt, "update_ema", lambda *a: pytest.fail("a training step ran"))
+    with pytest.raises(UserError, match="no 'test' split"):
+        run(_cfg(data_dir=split_data, out=tmp_path / "run", eval_images=4))
+    with pytest.raises(UserError, match="no 'tset' split"):
+        run(_cfg(data_dir=split_data, out=tmp_path / "run", eval_images=4, eval_split="tset"))
+
+
+def test_eval_images_0_skips_every_evaluation(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tt, "evaluate_tokenizer", lambda *a, **k: pytest.fail("evaluated with --eval-images 0"))
+    out = tmp_path / "run"
+    run(_cfg(data_dir, out, steps=2, eval_images=0))
+    assert not [r for r in _rows(out) if "eval_psnr" in r] and (out / "model" / "model.safetensors").is_file()
+
+
+def test_the_model_is_exported_before_the_final_evaluation(data_dir, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(tt, "evaluate_tokenizer", broken)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run(_cfg(data_dir, out, steps=2, eval_images=4))
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(lr=0.0, disc_weight=0.1), "--lr must be > 0"),  # used to divide by zero in the discriminator's lr
+    (dict(lr=-1e-3), "--lr must be > 0"),
+    (dict(eval_images=-1), "--eval-images must be at least 0"),
+    (dict(lpips_weights="vgg.pth"), "--lpips-weights has no effect with --lpips-weight 0"),
+    (dict(disc_start=5, gen_loss="hinge"), "--disc-start, --gen-loss have no effect with --disc-weight 0"),
+    (dict(lecam_weight=0.1), "--lecam-weight has no effect with --disc-weight 0"),
+    (dict(eval_every=2), "--eval-every has no effect with --eval-images 0"),
+])
+def test_bad_or_ignored_options_are_refused_before_training(data_dir, tmp_path, bad, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        run(_cfg(data_dir, tmp_path / "run", **bad))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_the_final_reconstruction_grid_is_rendered_once(data_dir, tmp_path, monkeypatch):
+    calls, save_grid = [], tt.save_image_grid
+
+    def counting(images, path, **kw):
+        calls.append(path.name)
+        return save_grid(images, path, **kw)
+
+    monkeypatch.setattr(tt, "save_image_grid", counting)
+    out = tmp_path / "run"
+    run(_cfg(data_dir, out, steps=4, sample_every=2))
+    assert calls == ["recon_0000002.png", "recon_0000004.png"]
+    assert (out / "reconstructions.png").read_bytes() == (out / "samples" / "recon_0000004.png").read_bytes()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bitdance.utils import UserError, check_state_shapes, load_checkpoint, read_safetensors
+from bitdance.utils import UserError, check_state_shapes, load_checkpoint, read_safetensors, strip_wrapper_prefixes
 
 # ----------------------------------------------------------------------------------------------
 # PatchGAN discriminator
@@ -29,7 +29,9 @@ class DiscriminatorConfig:
     in_channels: int = 3
     ndf: int = 64  # width of the first layer, doubled per layer up to 8x
     n_layers: int = 3  # stride-2 layers after the first conv (PatchGAN "3 layers")
-    norm: str = "group"  # "group" | "batch"
+    # "group" | "batch". The trainer uses group only: it runs real and fake in one pass (a BatchNorm would
+    # mix their statistics) and the generator's pass sees fakes alone (it would move the running statistics)
+    norm: str = "group"
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -199,12 +201,12 @@ class LPIPS(nn.Module):
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         x, y = (x - self.shift) / self.scale, (y - self.shift) / self.scale
-        dist = x.new_zeros(x.shape[0])
+        distance = x.new_zeros(x.shape[0])
         for lin, fx, fy in zip(self.lins, self._taps(x), self._taps(y)):
             fx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit-normalise across channels
             fy = fy / (fy.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            dist = dist + lin((fx - fy).pow(2)).mean(dim=(1, 2, 3))  # (b,)
-        return dist
+            distance = distance + lin((fx - fy).pow(2)).mean(dim=(1, 2, 3))  # (b,)
+        return distance
 
 
 def load_lpips_state(path: str | os.PathLike) -> dict:
@@ -214,8 +216,8 @@ def load_lpips_state(path: str | os.PathLike) -> dict:
         raise UserError(f"LPIPS weights not found: {path} (a local file is required; nothing is downloaded)")
     state = read_safetensors(path) if path.suffix == ".safetensors" else load_checkpoint(path)
     out = {}
-    for k, v in state.items():
-        k = k.removeprefix("module.").removeprefix("net.").removeprefix("vgg.")
+    for k, v in strip_wrapper_prefixes(state).items():  # a DDP-saved file's module.
+        k = k.removeprefix("net.").removeprefix("vgg.")  # lpips.LPIPS's and its VGG's own prefixes
         if k.startswith("scaling_layer."):  # lpips.LPIPS's input scaling: our constant buffers, same values
             continue
         if k.startswith("lin") and ".model." in k:  # official: lin3.model.1.weight -> lins.3.weight

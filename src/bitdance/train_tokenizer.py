@@ -18,6 +18,7 @@ Run folder:
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from bitdance.utils import (
     JsonlLog,
     StepBoundaryInterrupt,
     UserError,
+    atomic_path,
     autocast,
     barrier,
     changed_fields,
@@ -98,7 +100,6 @@ class TokenizerTrainConfig:
     # GAN term starts (0.05 -> 0.20 without, -> 0.26 after a 400-step warm-up), it only moves it later; off by default
     disc_warmup: int = 0
     disc_lr: float | None = None  # None: same as lr
-    disc_norm: str = "group"
     lecam_weight: float = 0.05
     gen_loss: str = "non_saturating"  # "non_saturating" | "hinge"
     dtype: str = "float32"
@@ -109,7 +110,7 @@ class TokenizerTrainConfig:
     save_every: int = 500
     eval_every: int = 0  # 0: only at the end when eval_images > 0
     eval_split: str = "test"
-    eval_images: int = 1000
+    eval_images: int = 1000  # 0: no evaluation
     resume: str | None = None  # checkpoint file or run folder; the out folder's own checkpoint is auto-resumed
     init_from: str | None = None  # tokenizer folder (save_pretrained) to start from; its config replaces the preset's
     decoder_only: bool = False  # freeze encoder + quantizer: codes stay bit-identical, generators stay valid
@@ -165,12 +166,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         raise UserError("no training data given (--data PATH)")
     check_loop_options(cfg.steps, cfg.batch_size, info.world_size, cfg.save_every, cfg.log_every, cfg.ema_decay,
                        {"--sample-every": cfg.sample_every, "--eval-every": cfg.eval_every})
-    if min(cfg.disc_start, cfg.disc_warmup) < 0:
-        raise UserError("--disc-start and --disc-warmup must be at least 0")
-    if cfg.disc_lr is not None and cfg.disc_lr <= 0:  # 0 would silently fall back to --lr
-        raise UserError(f"--disc-lr must be > 0 (leave it out to use --lr), got {cfg.disc_lr}")
-    if cfg.lpips_weight > 0 and not cfg.lpips_weights:
-        raise UserError("--lpips-weight > 0 needs --lpips-weights PATH (a local file; nothing is downloaded)")
+    _check_options(cfg)
     check_training_dtype(cfg.dtype)
     local_batch = cfg.batch_size // info.world_size
     init = None
@@ -189,6 +185,11 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     dataset = load_dataset(cfg.data, tok_cfg.resolution, tok_cfg.in_channels, split="train")
     logger.info("data: %s, %d images at %dx%d, %d channel(s)%s", dataset.source, len(dataset), dataset.resolution,
                 dataset.resolution, dataset.channels, f", {dataset.skipped} skipped" if dataset.skipped else "")
+    # opened now, on every rank: a mistyped --eval-split or a train-only folder must fail before the training
+    # steps, not after them (and on all ranks alike, so that none waits for the others at a barrier)
+    eval_set = None
+    if cfg.eval_images > 0:
+        eval_set = load_dataset(cfg.data, tok_cfg.resolution, tok_cfg.in_channels, split=cfg.eval_split)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = (init if init is not None else ImageTokenizer(tok_cfg)).to(device)
@@ -206,8 +207,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     if cfg.disc_weight > 0:
         # 3 layers (WeTok) for >= 32 px; fewer for smaller images so that the patch map stays >= 1x1
         n_layers = max(1, min(3, (tok_cfg.resolution // 4).bit_length() - 1))
-        disc = PatchDiscriminator(DiscriminatorConfig(in_channels=tok_cfg.out_channels, n_layers=n_layers,
-                                                      norm=cfg.disc_norm)).to(device)
+        disc = PatchDiscriminator(DiscriminatorConfig(in_channels=tok_cfg.out_channels, n_layers=n_layers)).to(device)
         disc_opt = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(cfg.beta1, cfg.beta2),
                                      weight_decay=cfg.weight_decay)
         lecam = LeCam(distributed=info.enabled).to(device)
@@ -238,12 +238,9 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     batches = InfiniteBatches(dataset, local_batch, info.rank, info.world_size, cfg.seed, start_step=step)
     fixed, _ = dataset.get_batch(eval_indices(len(dataset), 8))  # (8, c, H, W) for the reconstruction grid
     log = TokenizerLog(out / "losses.jsonl", step, main)
-    eval_set = None
+    last_sample = None  # the step of the last reconstruction grid, so the final one is not rendered twice
 
     def evaluate(at_step: int) -> dict:
-        nonlocal eval_set
-        if eval_set is None:
-            eval_set = load_dataset(cfg.data, tok_cfg.resolution, tok_cfg.in_channels, split=cfg.eval_split)
         res = evaluate_tokenizer(ema, eval_set, cfg.eval_images, batch_size=max(local_batch, 64), device=device)
         log.write({"step": at_step, "eval_psnr": res["psnr"], "eval_ssim": res["ssim"],
                    "eval_perplexity": res.get("perplexity_per_group"), "eval_images": res["num_images"]})
@@ -258,15 +255,18 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             save_checkpoint(state, out / CHECKPOINT_NAME)
 
     def samples(at_step: int) -> None:
+        nonlocal last_sample
         if not main:
             return
+        last_sample = at_step
         with torch.no_grad():
             ema.eval()
             rec = ema(fixed.to(device)).reconstruction.float().clamp(-1, 1).cpu()  # (8, c, H, W)
         scale = max(1, 96 // tok_cfg.resolution)
         path = save_image_grid(torch.cat([fixed, rec]), out / "samples" / f"recon_{at_step:07d}.png", nrow=8,
                                row_labels=["input", "recon"], scale=scale)
-        (out / "reconstructions.png").write_bytes(path.read_bytes())
+        with atomic_path(out / "reconstructions.png") as tmp:
+            shutil.copyfile(path, tmp)
 
     from tqdm import tqdm
 
@@ -363,7 +363,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
                 save(step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 samples(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and main and step < cfg.steps:
+            if cfg.eval_every and step % cfg.eval_every == 0 and main and step < cfg.steps:  # eval_set is open
                 evaluate(step)
                 log.plot(out)
             barrier(info)
@@ -379,15 +379,47 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
     save(step)
     logger.info("trained %d steps in %.1f min", step, train_s / 60)
     if main:
-        samples(step)
-        if cfg.eval_images > 0:
-            evaluate(step)
-        log.plot(out)
+        if last_sample != step:
+            samples(step)
+        # exported before the final evaluation: an error there must not cost the trained model
         export = ema if cfg.export_ema else model
         export.save_pretrained(out / "model")
         logger.info("exported %s weights to %s", "EMA" if cfg.export_ema else "raw", out / "model")
+        if eval_set is not None:
+            evaluate(step)
+        log.plot(out)
     barrier(info)
     return out / "model"
+
+
+def _check_options(cfg: TokenizerTrainConfig) -> None:
+    """Refuse values that would fail deep inside the loop, and flags that would be silently ignored."""
+    if cfg.lr <= 0:  # 0 divides by zero in the discriminator's lr; < 0 is refused by AdamW mid-setup
+        raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.disc_lr is not None and cfg.disc_lr <= 0:  # 0 would silently fall back to --lr
+        raise UserError(f"--disc-lr must be > 0 (leave it out to use --lr), got {cfg.disc_lr}")
+    if min(cfg.disc_start, cfg.disc_warmup) < 0:
+        raise UserError("--disc-start and --disc-warmup must be at least 0")
+    if min(cfg.lpips_weight, cfg.disc_weight) < 0:
+        raise UserError("--lpips-weight and --disc-weight must be at least 0 (0: off)")
+    if cfg.eval_images < 0:
+        raise UserError(f"--eval-images must be at least 0 (0: no evaluation), got {cfg.eval_images}")
+    if cfg.lpips_weight > 0 and not cfg.lpips_weights:
+        raise UserError("--lpips-weight > 0 needs --lpips-weights PATH (a local file; nothing is downloaded)")
+    if cfg.lpips_weights and cfg.lpips_weight == 0:
+        raise UserError("--lpips-weights has no effect with --lpips-weight 0: give the LPIPS weight too")
+    # a value away from its default was asked for; with its switch off it would do nothing, without a word
+    if cfg.disc_weight == 0:
+        _refuse_changed(cfg, ("disc_start", "disc_warmup", "disc_lr", "lecam_weight", "gen_loss"), "--disc-weight 0")
+    if cfg.eval_images == 0:
+        _refuse_changed(cfg, ("eval_every", "eval_split"), "--eval-images 0")
+
+
+def _refuse_changed(cfg: TokenizerTrainConfig, names: tuple[str, ...], switch: str) -> None:
+    defaults = TokenizerTrainConfig()
+    changed = [f"--{n.replace('_', '-')}" for n in names if getattr(cfg, n) != getattr(defaults, n)]
+    if changed:
+        raise UserError(f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect with {switch}")
 
 
 def _out_of_time(train_s: float, budget_s: float, info) -> bool:
@@ -406,7 +438,8 @@ def _state(cfg, tok_cfg, model, ema, opt, disc, disc_opt, lecam, step: int) -> d
     return state
 
 
-def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int:
+def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> tuple[int, float]:
+    """Load a training checkpoint into the given modules; returns (step, training seconds so far)."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"{path} is not a bitdance tokenizer training checkpoint")
@@ -414,13 +447,15 @@ def _restore(path: Path, tok_cfg, model, ema, opt, disc, disc_opt, lecam) -> int
     if diff:
         raise UserError(f"{path} was trained with another tokenizer config ({', '.join(diff)} differ); "
                         "use a new --out folder or the same --preset/--quantizer")
+    if disc is None and "disc" in state:  # going on without it would drop it from the next checkpoint
+        raise UserError(f"{path} was trained with a discriminator: resume it with --disc-weight > 0")
+    if disc is not None and "disc" not in state:
+        raise UserError(f"{path} has no discriminator state; it was trained with --disc-weight 0")
     try:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         if disc is not None:
-            if "disc" not in state:
-                raise UserError(f"{path} has no discriminator state; it was trained with --disc-weight 0")
             disc.load_state_dict(state["disc"])
             disc_opt.load_state_dict(state["disc_optimizer"])
             lecam.load_state_dict(state["lecam"])

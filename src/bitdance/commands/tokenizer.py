@@ -67,13 +67,15 @@ def register(subparsers) -> None:
     g.add_argument("--entropy-weight", type=float, default=d.entropy_weight, help="binary entropy loss weight")
     g.add_argument("--commit-weight", type=float, default=d.commit_weight, help="commitment loss weight")
     g.add_argument("--lpips-weight", type=float, default=d.lpips_weight, help="LPIPS weight (needs --lpips-weights)")
-    g.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG16 weights file (never downloaded)")
-    g.add_argument("--disc-weight", type=float, default=d.disc_weight, help="GAN generator loss weight (0: no GAN)")
+    g.add_argument("--lpips-weights", default=None, help="local LPIPS-VGG16 weights file (never downloaded; "
+                   "for --lpips-weight > 0)")
+    g.add_argument("--disc-weight", type=float, default=d.disc_weight,
+                   help="GAN generator loss weight (0: no GAN; the other --disc-*, --lecam-weight and --gen-loss "
+                   "flags need it)")
     g.add_argument("--disc-start", type=int, default=d.disc_start, help="step at which the GAN starts")
     g.add_argument("--disc-warmup", type=int, default=d.disc_warmup,
                    help="steps from --disc-start in which only the discriminator learns")
     g.add_argument("--disc-lr", type=float, default=None, help="discriminator lr (default: --lr)")
-    g.add_argument("--disc-norm", default=d.disc_norm, choices=("group", "batch"), help="discriminator norm")
     g.add_argument("--lecam-weight", type=float, default=d.lecam_weight, help="LeCAM regulariser weight")
     g.add_argument("--gen-loss", default=d.gen_loss, choices=("non_saturating", "hinge"),
                    help="generator adversarial loss")
@@ -83,7 +85,8 @@ def register(subparsers) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="steps between test-split PSNR evaluations (0: only at the end)")
     g.add_argument("--eval-split", default=d.eval_split, help="split used for evaluation")
-    g.add_argument("--eval-images", type=int, default=d.eval_images, help="images per evaluation (0: none)")
+    g.add_argument("--eval-images", type=int, default=d.eval_images,
+                   help="images per evaluation (0: no evaluation; then --eval-every and --eval-split are refused)")
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("eval", help="PSNR, SSIM, bit usage and code perplexity on a data split")
@@ -178,11 +181,13 @@ def run_reconstruct(args) -> int:
     from bitdance.data import load_image
     from bitdance.utils import save_image_grid
 
+    if args.scale is not None and args.scale < 1:  # 0 used to mean the default, < 0 a PIL traceback
+        raise UserError(f"--scale must be at least 1 (leave it out for ~128 px), got {args.scale}")
     tok, dev, _ = _load_model(args.model, args.device)
     res, ch = tok.config.resolution, tok.config.in_channels
     images = [load_image(p, res, ch) for p in args.images]  # fails on the first bad file, naming it
     out = Path(args.out)
-    scale = args.scale or max(1, 128 // res)
+    scale = args.scale if args.scale is not None else max(1, 128 // res)
     seen: set[str] = set()
     with torch.no_grad():
         for i, (p, x) in enumerate(zip(args.images, images)):

@@ -308,11 +308,15 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         w = self.decoder.conv_in.weight
         return x.to(device=w.device, dtype=w.dtype)
 
+    # Inference only (training goes through forward): no graph is built, and a VQ quantizer in train mode
+    # does not restart codewords, since that needs grad enabled
+    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(b, c, H, W) -> codes (b, k, h, w): exactly ±1 (binary) or the quantized latent (vq); no grad."""
         images = self._prepare(images, self.config.in_channels, "images")
-        return self.quantize(self.encoder(images), compute_loss=False).codes.detach()
+        return self.quantize(self.encoder(images), compute_loss=False).codes
 
+    @torch.no_grad()
     def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
         """(b, c, H, W) -> indices (b, k/g, h, w), little endian per group of g bits."""
         images = self._prepare(images, self.config.in_channels, "images")
@@ -332,7 +336,8 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         """Training pass: encode, quantize (straight-through, aux losses in training mode), decode."""
         images = self._prepare(images, self.config.in_channels, "images")
         quant = self.quantize(self.encoder(images))
-        rec = self.decoder(quant.codes, generator=generator)  # (b, c, H, W)
+        # the quantizer returns fp32 codes; a bf16/fp16 model's decoder wants its own dtype (as in decode)
+        rec = self.decoder(quant.codes.to(images.dtype), generator=generator)  # (b, c, H, W)
         return TokenizerOutput(reconstruction=rec, codes=quant.codes, quant=quant)
 
     @classmethod

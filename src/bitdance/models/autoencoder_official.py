@@ -105,8 +105,18 @@ def random_official_state_dict(
     return out
 
 
+def default_group_size(z_channels: int) -> int:
+    """Bits per entropy group when a file does not say: 8 (the official 4 x 8 for 32 bits), else one group."""
+    return 8 if z_channels % 8 == 0 else z_channels
+
+
 def official_ae_config(config: TokenizerConfig) -> dict:
-    """Our config as the official `ae_config.json` (the kwargs of the official `VQModel`)."""
+    """Our config as the official `ae_config.json` (the kwargs of the official `VQModel`).
+
+    A group size other than the default is kept as `num_codebooks` (WeTok's name for the number of groups), so that
+    it survives a save/load round trip. Only then: the official pipeline calls `VQModel(**ae_config)`, which takes
+    no such keyword, so a default file stays exactly the official one.
+    """
     ddconfig = {
         "ch": config.ch,
         "out_ch": config.out_channels,
@@ -117,17 +127,21 @@ def official_ae_config(config: TokenizerConfig) -> dict:
         "resolution": config.resolution,
         "double_z": False,
     }
-    return {"ddconfig": ddconfig, "gan_decoder": config.gan_decoder}
+    out = {"ddconfig": ddconfig, "gan_decoder": config.gan_decoder}
+    if config.group_size != default_group_size(config.z_channels):
+        out["num_codebooks"] = config.z_channels // config.group_size
+    return out
 
 
 def config_from_official(ae_config: dict, source: str = "ae_config.json") -> TokenizerConfig:
-    """Official `{"ddconfig": {...}, "gan_decoder": ...}` -> TokenizerConfig (binary, groups of 8 bits)."""
+    """Official `{"ddconfig": {...}, "gan_decoder": ...}` -> TokenizerConfig (binary; `num_codebooks` groups when
+    the file has that key, else the default group size)."""
     dd = ae_config.get("ddconfig") if isinstance(ae_config, dict) else None
     if not isinstance(dd, dict):
         raise UserError(f"{source} has no 'ddconfig' object; is it an official BitDance ae_config.json?")
     try:
         z = int(dd["z_channels"])
-        groups = int(ae_config.get("num_codebooks", 0)) or (z // 8 if z % 8 == 0 else 1)
+        groups = int(ae_config.get("num_codebooks", 0)) or z // default_group_size(z)
         return TokenizerConfig(
             in_channels=int(dd.get("in_channels", 3)),
             out_channels=int(dd.get("out_ch", 3)),
@@ -164,7 +178,7 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
     gan = get("decoder.conv_in.weight").shape[1] == 2 * z
     out_channels = get("decoder.conv_out.weight").shape[0]
     vq = "quantize.codebook" in state
-    group_size = state["quantize.codebook"].shape[-1] if vq else (8 if z % 8 == 0 else z)
+    group_size = state["quantize.codebook"].shape[-1] if vq else default_group_size(z)
     return TokenizerConfig(
         in_channels=int(in_channels), out_channels=int(out_channels), ch=int(ch), ch_mult=mult,
         num_res_blocks=nres, z_channels=int(z), gan_decoder=bool(gan),

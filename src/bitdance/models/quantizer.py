@@ -329,6 +329,9 @@ class VQQuantizer(nn.Module):
                 new[grp, slots] = z[worst.repeat(slots.numel() // worst.numel() + 1)[: slots.numel()], grp]
         if ddp:
             dist.broadcast(new, src=0)
+        # Known and accepted: only the values move. The optimizer (which this module cannot see) keeps the old
+        # codeword's Adam moments for a restarted row. A dead row got little gradient lately, so its first moment
+        # has mostly decayed, but a second moment left from earlier use damps its first steps on the new spot.
         self.codebook.data[dead] = new[dead].to(self.codebook.dtype)
         self.usage_ema[dead] = 1.0
 
