@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bitdance.models.quantizer import bits_to_indices
+from bitdance.models.quantizer import bits_to_indices, indices_to_bits
 
 PSNR_CAP_DB = 100.0  # identical images give this instead of inf, so means and JSON stay finite
 
@@ -87,8 +87,7 @@ class CodeStats:
 
     def update_indices(self, indices: torch.Tensor) -> None:
         idx = indices.detach().cpu().long().movedim(1, -1).reshape(-1, indices.shape[1])  # (n, G)
-        bits = (idx[..., None] >> torch.arange(self.group_size)) & 1  # (n, G, g)
-        ones = bits.flatten(1).sum(0)  # (k,)
+        ones = (indices_to_bits(idx, self.group_size) > 0).sum(0)  # (n, k) +-1 -> (k,) count of +1 per bit
         self.ones = ones if self.ones is None else self.ones + ones
         self.total += idx.shape[0]
         self.indices.append(idx)
