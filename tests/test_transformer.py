@@ -108,7 +108,7 @@ def test_rope_class_token_is_identity_and_image_tokens_rotate():
 # -- teacher forcing vs incremental ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid,parallel", [((4, 4), 1), ((4, 4), 4), ((8, 8), 16)])
+@pytest.mark.parametrize("grid,parallel", [((4, 4), 1), ((4, 4), 4), ((8, 8), 16), ((4, 8), 4), ((8, 4), 16)])
 def test_teacher_forced_equals_cached_and_cache_free(grid, parallel):
     model = make(grid_size=grid, parallel=parallel).eval()
     cfg = model.config
@@ -142,7 +142,7 @@ def test_decode_steps_need_no_mask(grid, parallel, class_tokens):
 def test_a_bf16_cast_model_samples_and_keeps_fp32_rope():
     from bitdance.sampling import generate
 
-    model = make(parallel=4).eval()
+    model = randomize_head(make(parallel=4)).eval()  # a zero-init head would ignore the backbone entirely
     rope = model.rope_cos.clone()
     model.to(torch.bfloat16)
     assert model.norm.weight.dtype == torch.bfloat16 and torch.equal(model.rope_cos, rope)  # tables not rounded
@@ -150,6 +150,8 @@ def test_a_bf16_cast_model_samples_and_keeps_fp32_rope():
     cached = generate(model, labels, generator=torch.Generator().manual_seed(0), progress=False)
     free = generate(model, labels, generator=torch.Generator().manual_seed(0), progress=False, use_cache=False)
     assert cached.shape == (2, 8, 4, 4) and torch.equal(cached, free)
+    other = generate(model, torch.tensor([2, 3]), generator=torch.Generator().manual_seed(0), progress=False)
+    assert not torch.equal(cached, other)  # the samples do depend on the backbone (the class)
     model.float()
     assert model.rope_cos.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
 
@@ -196,6 +198,13 @@ def test_training_forward_backward_and_clean_targets(monkeypatch, head):
     assert torch.equal(seen["target"], model.to_patch_order(tokens).reshape(2 * cfg.num_steps, 4, -1))
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert missing == []
+    # the conditions saw corrupted inputs (every bit may flip, half the labels dropped), not the clean ones
+    with torch.no_grad():
+        clean = model.head_conditions(tokens, torch.tensor([0, 1])).reshape_as(seen["cond"])
+        assert not torch.equal(seen["cond"], clean)
+        model.config.perturb_rate, model.config.class_dropout = 0.0, 0.0
+        model(tokens, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(seen["cond"], clean)  # no corruption: the training pass is the clean one
 
 
 def test_perturb_rate_and_label_dropout_only_in_training():
@@ -209,14 +218,16 @@ def test_perturb_rate_and_label_dropout_only_in_training():
     assert model.eval().drop_labels(labels, g).tolist() == [0, 1, 2]
     assert model.drop_labels(labels, force_drop=torch.tensor([0, 1, 0])).tolist() == [0, 5, 2]
     tokens = rand_tokens(2, model.config)
-    with torch.no_grad():  # eval: no corruption, so the conditions ignore the generator state
+    with torch.no_grad():  # head_conditions never corrupts, in either mode
         model.train()
         c_train = model.head_conditions(tokens, labels[:2])
         model.eval()
         assert torch.equal(c_train, model.head_conditions(tokens, labels[:2]))
+        model.train()  # the training loss, corruption included, is reproducible through the generator
         l1 = model(tokens, labels[:2], generator=torch.Generator().manual_seed(1))
         l2 = model(tokens, labels[:2], generator=torch.Generator().manual_seed(1))
-    assert l1 == l2  # and the whole loss is reproducible through the generator
+        l3 = model(tokens, labels[:2], generator=torch.Generator().manual_seed(2))
+    assert l1 == l2 and l1 != l3
 
 
 def test_grad_checkpointing_matches():
@@ -251,6 +262,21 @@ def test_config_errors():
         T.tiny(num_sampling_steps=0)
     with pytest.raises(UserError, match="cfg_scale"):  # NaN compares False both ways
         T.tiny(cfg_scale=float("nan"))
+    # sizes and probabilities fail as one line, not deep inside a layer
+    for bad, message in ((dict(n_heads=0), "n_heads=0"), (dict(parallel=-4), "parallel must be one of"),
+                         (dict(head_attn_dim=0), "head_attn_dim=0"), (dict(num_classes=0), "num_classes=0"),
+                         (dict(perturb_rate=1.5), "perturb_rate"), (dict(class_dropout=float("nan")), "class_dropout")):
+        with pytest.raises(UserError, match=message):
+            T.tiny(**bad)
+    with pytest.raises(UserError, match="time_shift"):  # NaN would turn every sampled bit into -1
+        BitDance(T.tiny(parallel=4, time_shift=float("nan")))
+    model = make()
+    with pytest.raises(UserError, match=r"class labels must be in 0\.\.4, got 5"):  # the null class: not a label
+        model(rand_tokens(1, model.config), torch.tensor([model.config.num_classes]))
+    with pytest.raises(UserError, match="got 7"):
+        model.head_conditions(rand_tokens(1, model.config), torch.tensor([7]))
+    # the bitwise head has no blocks: its depth and adaLN count are not checked
+    assert BitDance(T.tiny(head="bitwise", head_depth=3, head_adaln=2)).config.head == "bitwise"
 
 
 # -- official layout and parameter counts -------------------------------------------------------

@@ -71,8 +71,11 @@ class RectifiedFlow:
             raise UserError(
                 f"unknown time_schedule {self.config.time_schedule!r}; choose one of {TIME_SCHEDULES}"
             )
-        if self.config.time_shift <= 0:
-            raise UserError(f"time_shift must be > 0, got {self.config.time_shift}")
+        c = self.config
+        if not all(math.isfinite(v) for v in (c.P_mean, c.P_std, c.time_shift)) or c.time_shift <= 0:
+            # NaN would pass a comparison and turn every sample into -1 bits, every loss into NaN
+            raise UserError(f"P_mean, P_std must be finite and time_shift finite and > 0, got {c.P_mean}, {c.P_std}, "
+                            f"{c.time_shift}")
         self.timesteps: torch.Tensor | None = None  # set by set_timesteps: (N + 1,) evaluation times
         self.step_sizes: torch.Tensor | None = None  # (N + 1,) dt of each step (the last one is 0.05)
         self.num_inference_steps: int | None = None

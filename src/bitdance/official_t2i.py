@@ -178,8 +178,8 @@ def sincos_positions(grid_h: int, grid_w: int, dim: int, parallel: int = 1) -> t
     """
     if dim % 4:
         raise UserError(f"the sin-cos width must be divisible by 4, got {dim}")
-    side = math.isqrt(parallel)
-    if parallel not in PARALLEL_CHOICES or grid_h % side or grid_w % side:
+    side = math.isqrt(parallel) if parallel in PARALLEL_CHOICES else 0
+    if not side or grid_h % side or grid_w % side:
         raise UserError(f"a {grid_h}x{grid_w} grid cannot be cut into patches of parallel={parallel} "
                         f"(choices {PARALLEL_CHOICES}, grid sides divisible by sqrt(parallel))")
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")  # (h, w) each

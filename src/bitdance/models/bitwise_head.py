@@ -24,7 +24,7 @@ class BitwiseHead(nn.Module):
 
     def __init__(self, config: HeadConfig):
         super().__init__()
-        validate_head_config(config)
+        validate_head_config(config, flow=False)
         self.config = config
         self.linear = nn.Linear(config.cond_dim, 2 * config.token_bits)
         self.initialize_weights()

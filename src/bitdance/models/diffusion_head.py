@@ -43,7 +43,9 @@ class HeadConfig:
     P_mean: float = -0.8  # logit-normal time sampling
     P_std: float = 0.8
     time_shift: float = 1.0
-    diff_batch_mul: int = 4  # repeats of each (cond, target) pair in the loss
+    # repeats of each (cond, target) pair in the loss (ImageNet's meaning; the official T2I head uses the name for
+    # memory chunks of one pass, with no repeats, and its released value 1 means the same in both)
+    diff_batch_mul: int = 4
     bounded_output: bool = False  # T2I head: x_hat = 2 sigmoid(out) - 1
     temperature: float = 1.0  # sampling default: bitwise softmax temperature / diffusion sampler noise scale
 
@@ -65,11 +67,16 @@ HEAD_PRESETS = {
 }
 
 
-def validate_head_config(c: HeadConfig) -> None:
-    """Raise UserError on a config the networks cannot be built from."""
-    if min(c.token_bits, c.cond_dim, c.width, c.depth, c.num_adaln, c.parallel, c.diff_batch_mul) < 1:
+def validate_head_config(c: HeadConfig, flow: bool = True) -> None:
+    """Raise UserError on a config the networks cannot be built from. flow False (the bitwise head, one linear
+    layer): only the fields that head uses are checked."""
+    if min(c.token_bits, c.cond_dim, c.parallel, c.diff_batch_mul) < 1:
         raise UserError(f"head config sizes must all be >= 1: {c}")
     check_temperature(c.temperature)  # the saved sampling default
+    if not flow:
+        return
+    if min(c.width, c.depth, c.num_adaln, c.attn_head_dim) < 1:
+        raise UserError(f"head config sizes must all be >= 1: {c}")
     if c.depth % c.num_adaln:
         raise UserError(f"head depth {c.depth} must be divisible by num_adaln {c.num_adaln}")
     if c.parallel > 1 and c.width % c.attn_head_dim != 0:

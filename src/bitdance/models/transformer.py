@@ -76,9 +76,14 @@ class BitDanceConfig:
     def __post_init__(self):
         self.grid_size = tuple(int(v) for v in self.grid_size)
         h, w = self.grid_size
-        side = math.isqrt(self.parallel)
+        sizes = ("dim", "n_layers", "n_heads", "num_classes", "token_bits", "head_width", "head_depth", "head_adaln",
+                 "head_attn_dim", "diff_batch_mul")
+        small = [f"{name}={getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
+        if small or min(h, w) < 1:
+            raise UserError(f"model sizes must all be >= 1, got {', '.join(small) or f'grid {h}x{w}'}")
         if self.parallel not in PARALLEL_CHOICES:
             raise UserError(f"parallel must be one of {PARALLEL_CHOICES}, got {self.parallel}")
+        side = math.isqrt(self.parallel)
         if h % side or w % side:
             raise UserError(
                 f"token grid {h}x{w} is not divisible by the {side}x{side} patch of parallel={self.parallel}"
@@ -90,6 +95,9 @@ class BitDanceConfig:
         check_cfg_schedule(self.cfg_schedule)
         if self.class_tokens < 1:
             raise UserError("class_tokens must be >= 1")
+        for name in ("class_dropout", "perturb_rate"):  # probabilities (NaN fails the comparison too)
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         # the sampling defaults saved with the model: caught here, not at the first `bitdance sample` after training
         if not self.cfg_scale >= 1:  # NaN too
             raise UserError(f"cfg_scale must be >= 1 (1 turns guidance off), got {self.cfg_scale}")
@@ -338,10 +346,16 @@ class BitDance(nn.Module, PretrainedMixin):
         """(b, n, ...) patch order -> raster."""
         return x[:, self.inv_perm]
 
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
+    def _check_inputs(self, tokens: torch.Tensor, labels: torch.Tensor, allow_null: bool = False) -> None:
         n, k = self.config.num_tokens, self.config.token_bits
         if tokens.dim() != 3 or tokens.shape[1:] != (n, k):
             raise UserError(f"expected tokens of shape (b, {n}, {k}) for this model, got {tuple(tokens.shape)}")
+        # an id past the table is an index error (a device-side assert on a GPU); the null class (id num_classes)
+        # is for the unguided branch, and training draws it itself (label dropout)
+        last = self.config.num_classes - (0 if allow_null else 1)
+        bad = labels[(labels < 0) | (labels > last)]
+        if bad.numel():
+            raise UserError(f"class labels must be in 0..{last}, got {int(bad[0])}")
 
     # -- training-time corruption -------------------------------------------------------------
 
@@ -407,7 +421,7 @@ class BitDance(nn.Module, PretrainedMixin):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         """Training loss. tokens (b, n, k) in ±1, raster order; labels (b,). Label dropout and input bit flips
         apply in training mode only; the targets stay clean."""
-        self._check_tokens(tokens)
+        self._check_inputs(tokens, labels)
         c = self.config
         target = self.to_patch_order(tokens)  # (b, n, k)
         inputs = self.perturb(target, generator) if self.training else target
@@ -419,8 +433,9 @@ class BitDance(nn.Module, PretrainedMixin):
         return self.head.loss(cond, target, generator=generator)
 
     def head_conditions(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced head conditions (b, s, p, d) in patch order, without label dropout or bit flips."""
-        self._check_tokens(tokens)
+        """Teacher-forced head conditions (b, s, p, d) in patch order, without label dropout or bit flips
+        (labels may include the null class, num_classes)."""
+        self._check_inputs(tokens, labels, allow_null=True)
         c = self.config
         cond = self._teacher_forced(self.to_patch_order(tokens), labels)  # (b, n, d)
         return cond.view(tokens.shape[0], c.num_steps, c.parallel, c.dim)
