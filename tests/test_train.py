@@ -300,6 +300,27 @@ def test_extending_a_finished_run_with_schedule_start_warms_up_afresh(tokenizer_
         run(cfg(tokenizer_dir, data_dir, tmp_path / "bad", steps=4, schedule_start=4))
 
 
+def test_a_resume_takes_this_runs_optimizer_flags_and_refuses_impossible_plans(tokenizer_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(cfg(tokenizer_dir, data_dir, out, steps=4))
+    run(cfg(tokenizer_dir, data_dir, out, steps=6, weight_decay=0.2, beta2=0.99))
+    groups = load_checkpoint(out / "checkpoint.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]  # not the saved 0.05
+    assert all(tuple(g["betas"]) == (0.9, 0.99) for g in groups)
+    with pytest.raises(UserError, match="past --steps 5"):
+        run(cfg(tokenizer_dir, data_dir, out, steps=5))
+    with pytest.raises(UserError, match=r"after the step this run starts from \(6\)"):
+        run(cfg(tokenizer_dir, data_dir, out, steps=10, schedule_start=8))
+    with pytest.raises(UserError, match=r"starts from \(0\)"):  # a fresh run has no schedule before step 0
+        run(cfg(tokenizer_dir, data_dir, tmp_path / "fresh", steps=10, schedule_start=2))
+    for bad, message in ((dict(lr=0.0), "--lr must be > 0"), (dict(min_lr=-1e-5), "--min-lr"),
+                         (dict(weight_decay=-0.1), "--weight-decay"), (dict(samples_per_class=0), "samples-per-class"),
+                         (dict(model_args={"cfg_scale": "abc"}), "do not build a model"),
+                         (dict(model_args={"dim": 48.0}), "whole numbers")):
+        with pytest.raises(UserError, match=message):
+            run(cfg(tokenizer_dir, data_dir, tmp_path / "bad", **bad))
+
+
 def test_schedule_lr_starts_at_schedule_start():
     c = TrainConfig(steps=110, lr=1.0, min_lr=0.0, warmup=10, schedule_start=10)
     assert tr.schedule_lr(c, 10) == pytest.approx(0.1) and tr.schedule_lr(c, 19) == pytest.approx(1.0)

@@ -353,15 +353,17 @@ def _chunk_path(chunk_dir: Path, start: int) -> Path:
 def _settings(cfg: SampleSetConfig, generator_config, num_classes: int, device: torch.device) -> dict:
     """Everything that decides the pixels of a chunk; a resumed run must match it."""
     from bitdance.pipeline import model_fingerprint
+    from bitdance.sampling import sampling_settings
 
+    # checked now: a value no sampler accepts must not be written into the settings a resume has to match
+    num_steps, cfg_scale, cfg_schedule = sampling_settings(generator_config, cfg.num_steps, cfg.cfg_scale,
+                                                           cfg.cfg_schedule)
     # the model folder's files (a re-conversion at the same path is another model) and the device type (the
     # generator's random stream differs between CPU and CUDA) decide the images as much as the numbers below
     return {"model": str(Path(cfg.model).resolve()), "model_files": model_fingerprint(cfg.model),
             "device": device.type, "per_class": cfg.per_class, "num_classes": num_classes,
             "batch_size": cfg.batch_size, "seed": cfg.seed, "dtype": cfg.dtype,
-            "cfg_scale": generator_config.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale,
-            "cfg_schedule": cfg.cfg_schedule or generator_config.cfg_schedule,
-            "num_steps": generator_config.num_sampling_steps if cfg.num_steps is None else cfg.num_steps,
+            "cfg_scale": cfg_scale, "cfg_schedule": cfg_schedule, "num_steps": num_steps,
             "temperature": generator_config.head_temperature if cfg.temperature is None else cfg.temperature,
             "seeding": "batch of global indices [s, s+batch): torch.Generator(seed * 1000003 + s)",
             "labels": "global index i -> class i // per_class"}

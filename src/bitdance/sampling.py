@@ -24,6 +24,23 @@ def cfg_scale_at(step: int, num_steps: int, cfg_scale: float, schedule: str) -> 
     return 1.0 + (cfg_scale - 1.0) * step / num_steps  # linear
 
 
+def sampling_settings(config, num_steps: int | None = None, cfg_scale: float | None = None,
+                      cfg_schedule: str | None = None) -> tuple[int, float, str]:
+    """(head steps, cfg scale, cfg schedule) for a model of `config` (BitDanceConfig): None takes the model's
+    default; a value no sampler accepts is a UserError, so callers can check before any long work."""
+    num_steps = config.num_sampling_steps if num_steps is None else int(num_steps)
+    cfg_scale = config.cfg_scale if cfg_scale is None else float(cfg_scale)
+    cfg_schedule = check_cfg_schedule(config.cfg_schedule if cfg_schedule is None else cfg_schedule)
+    if not cfg_scale >= 1.0:  # NaN too: it would compare False both ways and sample unguided
+        raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
+    if cfg_scale > 1.0 and config.class_dropout == 0:
+        raise UserError(f"cfg scale {cfg_scale:g} needs a model trained with class dropout: this one never saw its "
+                        "null class, so there is nothing to guide away from (use cfg 1)")
+    if num_steps < 1:
+        raise UserError(f"the number of head sampling steps must be >= 1, got {num_steps}")
+    return num_steps, cfg_scale, cfg_schedule
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -44,16 +61,7 @@ def generate(
     the softmax's).
     """
     c = model.config
-    num_steps = c.num_sampling_steps if num_steps is None else int(num_steps)
-    cfg_scale = c.cfg_scale if cfg_scale is None else float(cfg_scale)
-    cfg_schedule = check_cfg_schedule(c.cfg_schedule if cfg_schedule is None else cfg_schedule)
-    if not cfg_scale >= 1.0:  # NaN too: it would compare False both ways and sample unguided
-        raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
-    if cfg_scale > 1.0 and c.class_dropout == 0:
-        raise UserError(f"cfg scale {cfg_scale:g} needs a model trained with class dropout: this one never saw its "
-                        "null class, so there is nothing to guide away from (use cfg 1)")
-    if num_steps < 1:
-        raise UserError(f"the number of head sampling steps must be >= 1, got {num_steps}")
+    num_steps, cfg_scale, cfg_schedule = sampling_settings(c, num_steps, cfg_scale, cfg_schedule)
 
     device = model.norm.weight.device
     labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)  # (b,)

@@ -23,6 +23,7 @@ repeats exactly the draws it would have made without stopping.
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,6 +52,7 @@ from bitdance.utils import (
     StepBoundaryInterrupt,
     UserError,
     any_rank,
+    atomic_path,
     autocast,
     barrier,
     changed_fields,
@@ -152,6 +154,14 @@ def _validate(cfg: TrainConfig, world: int) -> None:
         raise UserError(f"--stop-after must be at least 1 step, got {cfg.stop_after}")
     if not 0 <= cfg.schedule_start < cfg.steps:
         raise UserError(f"--schedule-start must be in [0, --steps), got {cfg.schedule_start} (--steps {cfg.steps})")
+    # NaN fails these comparisons too; a negative --min-lr would end the cosine in gradient ascent
+    if not (cfg.lr > 0 and 0 <= cfg.min_lr <= cfg.lr):
+        raise UserError(f"--lr must be > 0 and --min-lr in [0, --lr], got {cfg.lr} and {cfg.min_lr}")
+    if not cfg.weight_decay >= 0:
+        raise UserError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.samples_per_class < 1 or cfg.max_grid_classes < 1:  # the grids are drawn at checkpoints, on rank 0 only
+        raise UserError("--samples-per-class and --max-grid-classes must be at least 1 (--sample-every 0 turns the "
+                        "grids off)")
     check_training_dtype(cfg.dtype)
 
 
@@ -286,7 +296,10 @@ def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes:
             if field in model_args:
                 raise UserError(f"{field} is given twice: by its own flag and by --model-arg")
             overrides[field] = value
-    config = BITDANCE_PRESETS[cfg.preset](parallel=cfg.parallel, head=cfg.head, **overrides)
+    try:
+        config = BITDANCE_PRESETS[cfg.preset](parallel=cfg.parallel, head=cfg.head, **overrides)
+    except (TypeError, ValueError) as e:  # e.g. --model-arg dim=abc: a value of the wrong type
+        raise UserError(f"the model settings do not build a model: {first_line(e)}") from None
     if config.class_dropout == 0 and config.cfg_scale > 1:
         if cfg.cfg_scale is not None or "cfg_scale" in model_args:
             raise UserError(f"--cfg {config.cfg_scale:g} needs class dropout > 0: without it the null class that "
@@ -309,8 +322,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 SAMPLING_DEFAULTS = ("cfg_scale", "cfg_schedule", "num_sampling_steps", "head_temperature")
 
 
-def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> tuple[int, dict]:
-    """Load a checkpoint into model / EMA / optimizer; returns (step, the TrainConfig it was saved with)."""
+def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, opt) -> tuple[int, dict, int | None]:
+    """Load a checkpoint into model / EMA / optimizer; returns (step, the TrainConfig it was saved with, the
+    world size it was trained at, None in older checkpoints)."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or not {"model", "ema", "optimizer", "step"} <= set(state):
         raise UserError(f"{path} is not a bitdance generator training checkpoint")
@@ -328,7 +342,7 @@ def _restore(path: Path, model_cfg: BitDanceConfig, tok_key: str, model, ema, op
         opt.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not match this model: {first_line(e)}")
-    return int(state["step"]), state.get("config", {})
+    return int(state["step"]), state.get("config", {}), state.get("world_size")
 
 
 def _check_schedule(cfg: TrainConfig, step: int, saved: dict, logger) -> None:
@@ -402,9 +416,21 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
     step = 0
     ckpt = find_resume_checkpoint(cfg.resume, out, CHECKPOINT_NAME)
     if ckpt is not None:
-        step, saved_cfg = _restore(ckpt, model_cfg, tok_key, model, ema, opt)
+        step, saved_cfg, saved_world = _restore(ckpt, model_cfg, tok_key, model, ema, opt)
         logger.info("resumed from %s at step %d", ckpt, step)
+        if step > cfg.steps:
+            raise UserError(f"{ckpt} is at step {step}, past --steps {cfg.steps}: nothing to train")
+        if saved_world not in (None, info.world_size):  # per-rank seeds and data shards follow the world size
+            logger.warning("resuming a run of %d process(es) with %d: the weights carry on exactly, but the random "
+                           "draws and data order from here differ from an uninterrupted run", saved_world,
+                           info.world_size)
+        # the optimizer state brought back its saved decay and betas; the flags of this run are the ones that hold
+        for group, decay in zip(opt.param_groups, (cfg.weight_decay, 0.0)):  # param_groups(): decay, no decay
+            group["weight_decay"], group["betas"] = decay, (cfg.beta1, cfg.beta2)
         _check_schedule(cfg, step, saved_cfg, logger)
+    if cfg.schedule_start > step:  # the lr would sit at the warmup's first value until then
+        raise UserError(f"--schedule-start {cfg.schedule_start} is after the step this run starts from ({step}): "
+                        "a fresh schedule starts where a finished run goes on (the checkpoint's step)")
     if main:
         write_json({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": info.world_size,
                     "tokenizer_fingerprint": tok_key, "class_names": class_names,
@@ -430,7 +456,7 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
         if main:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                      "step": at_step, "config": asdict(cfg), "model_config": asdict(model_cfg),
-                     "class_names": class_names, "tokenizer_fingerprint": tok_key}
+                     "class_names": class_names, "tokenizer_fingerprint": tok_key, "world_size": info.world_size}
             save_checkpoint(state, out / CHECKPOINT_NAME)
             log.plot(out)
 
@@ -438,7 +464,8 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
         if main:
             path = save_grid(ema, tokenizer, class_names, out / "samples" / f"step_{at_step:07d}.png",
                              cfg.samples_per_class, cfg.max_grid_classes, grid_gen_seed)
-            (out / "samples.png").write_bytes(path.read_bytes())
+            with atomic_path(out / "samples.png") as tmp:
+                shutil.copyfile(path, tmp)
 
     # -- loop ---------------------------------------------------------------------------------------
     from tqdm import tqdm
@@ -496,11 +523,12 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
                 n_since, t0 = 0, time.time()
             interrupt.end_step()  # a Ctrl-C during the update stops here, with the state whole and logged
             t_pause = time.time()
-            if step % cfg.save_every == 0 or step == last:
+            saving = step % cfg.save_every == 0 or step == last
+            if saving:
                 save(step)
             if sample_every and (step % sample_every == 0 or step == cfg.steps):
                 sample_grid(step)
-            if step % cfg.save_every == 0 or step == last:
+            if saving:
                 barrier(info)
             t0 += time.time() - t_pause  # img/s counts training only
     except KeyboardInterrupt:

@@ -562,6 +562,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # init_distributed created the process group, so cleanup_distributed ends it
 
     @property
     def is_main(self) -> bool:
@@ -584,9 +585,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a caller's own group is left to the caller
+    if owns_group:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns_group)
 
 
 def barrier(info: DistInfo) -> None:
@@ -595,7 +597,8 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup_distributed(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """End the process group init_distributed created (also torchrun's one-process group, which DDP never uses)."""
+    if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -667,7 +670,8 @@ class JsonlLog:
                     continue
                 if row.get("step", 0) <= start_step:
                     self.rows.append(row)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            with atomic_path(self.path) as tmp:  # a crash here must not cost the history
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def write(self, row: dict) -> None:
         if self.enabled:

@@ -78,9 +78,10 @@ class BitDanceConfig:
         h, w = self.grid_size
         sizes = ("dim", "n_layers", "n_heads", "num_classes", "token_bits", "head_width", "head_depth", "head_adaln",
                  "head_attn_dim", "diff_batch_mul")
-        small = [f"{name}={getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
+        small = [f"{name}={getattr(self, name)!r}" for name in sizes
+                 if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
         if small or min(h, w) < 1:
-            raise UserError(f"model sizes must all be >= 1, got {', '.join(small) or f'grid {h}x{w}'}")
+            raise UserError(f"model sizes must all be whole numbers >= 1, got {', '.join(small) or f'grid {h}x{w}'}")
         if self.parallel not in PARALLEL_CHOICES:
             raise UserError(f"parallel must be one of {PARALLEL_CHOICES}, got {self.parallel}")
         side = math.isqrt(self.parallel)
