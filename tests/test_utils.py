@@ -232,3 +232,13 @@ def test_other_ranks_print_only_what_they_alone_know_tagged_with_their_rank(caps
     logger.warning("skipping a.png (1 skipped so far)", extra={"rank_local": True})
     err = capsys.readouterr().err
     assert "rank 3] skipping a.png" in err and "loss" not in err and "every rank" not in err
+
+
+def test_step_seeds_differ_between_ranks_and_steps_and_do_not_depend_on_anything_else():
+    from bitdance.utils import DistInfo, step_seed
+
+    for world in (1, 2, 4):  # within one world size: no two (seed, rank, step) share noise
+        seeds = {step_seed(seed, DistInfo(rank=r, world_size=world), step)
+                 for seed in (0, 1, 2) for r in range(world) for step in range(50)}
+        assert len(seeds) == 3 * world * 50
+    assert step_seed(3, DistInfo(rank=1, world_size=2), 7) == step_seed(3, DistInfo(rank=1, world_size=2), 7)
