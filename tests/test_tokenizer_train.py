@@ -186,6 +186,26 @@ def test_decoder_only_fine_tune_keeps_the_codes_bit_identical(data_dir, tmp_path
     assert not torch.equal(full.state_dict()["encoder.conv_in.weight"], sa["encoder.conv_in.weight"])
 
 
+def test_a_plain_decoder_widened_to_the_noise_decoder_starts_where_it_was(data_dir, tmp_path):
+    """--gan-decoder with --init-from a plain decoder: the new noise inputs start at zero weight, so the widened
+    decoder draws the same images; a decoder-only fine-tune then learns to use the noise, codes untouched."""
+    first = ImageTokenizer.from_pretrained(run(_cfg(data_dir, tmp_path / "first", steps=2))).eval()
+    wide = first.with_noise_decoder().eval()
+    images = SyntheticImages(16, 16, 3, num_classes=4, seed=1).get_batch(range(8))[0]
+    codes = first.encode(images)
+    assert wide.config.gan_decoder and torch.equal(wide.encode(images), codes)
+    assert torch.equal(wide.decode(codes, generator=torch.Generator().manual_seed(0)), first.decode(codes))
+    with pytest.raises(UserError, match="already takes noise"):
+        wide.with_noise_decoder()
+    tuned = ImageTokenizer.from_pretrained(run(_cfg(data_dir, tmp_path / "tuned", init_from=str(tmp_path / "first"),
+                                                    decoder_only=True, gan_decoder=True, steps=4, lr=1e-2))).eval()
+    assert tuned.config.gan_decoder and torch.equal(tuned.encode(images), codes)
+    noise_weights = tuned.decoder.conv_in.weight[:, first.config.z_channels:]
+    assert noise_weights.abs().max() > 0  # trained: the decoder now listens to its noise
+    a = tuned.decode(codes, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(a, tuned.decode(codes, generator=torch.Generator().manual_seed(1)))
+
+
 def test_init_from_and_decoder_only_refuse_bad_combinations(data_dir, tmp_path):
     with pytest.raises(UserError, match="--init-from"):
         run(_cfg(data_dir, tmp_path / "a", decoder_only=True))

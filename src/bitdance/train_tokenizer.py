@@ -114,6 +114,7 @@ class TokenizerTrainConfig:
     resume: str | None = None  # checkpoint file or run folder; the out folder's own checkpoint is auto-resumed
     init_from: str | None = None  # tokenizer folder (save_pretrained) to start from; its config replaces the preset's
     decoder_only: bool = False  # freeze encoder + quantizer: codes stay bit-identical, generators stay valid
+    gan_decoder: bool = False  # the noise-concat decoder; a plain --init-from decoder is widened to it, unchanged
     progress: bool = True
 
 
@@ -126,6 +127,8 @@ def build_tokenizer_config(cfg: TokenizerTrainConfig) -> TokenizerConfig:
         changes["quantizer"] = cfg.quantizer
     if cfg.group_size is not None:
         changes["group_size"] = cfg.group_size
+    if cfg.gan_decoder:
+        changes["gan_decoder"] = True
     return config_from_dict(TokenizerConfig, {**asdict(tok), **changes}) if changes else tok
 
 
@@ -176,6 +179,8 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         from bitdance.pipeline import resolve_tokenizer_path
 
         init = ImageTokenizer.from_pretrained(resolve_tokenizer_path(cfg.init_from))
+        if cfg.gan_decoder and not init.config.gan_decoder:
+            init = init.with_noise_decoder()  # starts out decoding exactly as before
         tok_cfg = init.config
     elif cfg.decoder_only:
         raise UserError("--decoder-only fine-tunes an existing tokenizer's decoder: give --init-from FOLDER")

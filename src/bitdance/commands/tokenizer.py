@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     g.add_argument("--decoder-only", action="store_true",
                    help="with --init-from: train only the decoder. The codes stay bit-identical, so generators "
                    "trained on that tokenizer keep working with the new decoder (e.g. a GAN fine-tune)")
+    g.add_argument("--gan-decoder", action="store_true",
+                   help="the official noise-concat decoder (noise channels beside the codes). With --init-from a "
+                   "plain decoder, it is widened so that it starts out decoding exactly as before")
     g = t.add_argument_group("optimisation")
     add_optimisation_flags(g, d)
     g.add_argument("--max-minutes", type=float, default=d.max_minutes,

@@ -15,7 +15,7 @@ encoder, although the decoder runs them from l = L-1 down to 0 (the official cod
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -339,6 +339,22 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         # the quantizer returns fp32 codes; a bf16/fp16 model's decoder wants its own dtype (as in decode)
         rec = self.decoder(quant.codes.to(images.dtype), generator=generator)  # (b, c, H, W)
         return TokenizerOutput(reconstruction=rec, codes=quant.codes, quant=quant)
+
+    def with_noise_decoder(self) -> "ImageTokenizer":
+        """A copy whose decoder is the noise-concat GAN decoder (`gan_decoder`), computing exactly this one's images
+        until it is trained: the new noise inputs of `decoder.conv_in` start with zero weights. The encoder and
+        quantizer are this one's, so every code stays the same (a decoder-only fine-tune can then learn to draw
+        detail the codes do not fix)."""
+        if self.config.gan_decoder:
+            raise UserError("this tokenizer's decoder already takes noise (gan_decoder)")
+        wider = ImageTokenizer(replace(self.config, gan_decoder=True)).to(self.decoder.conv_in.weight)
+        state = self.state_dict()
+        k = self.config.z_channels
+        weight = torch.zeros_like(wider.decoder.conv_in.weight)  # (C, 2k, 3, 3): latent first, then noise
+        weight[:, :k] = state["decoder.conv_in.weight"]
+        state["decoder.conv_in.weight"] = weight
+        wider.load_state_dict(state, strict=True)
+        return wider.train(self.training)
 
     @classmethod
     def from_official(
