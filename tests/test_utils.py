@@ -136,6 +136,17 @@ def test_atomic_writes_get_plain_file_permissions(tmp_path, umask, mode):
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temp file left behind
 
 
+def test_a_saved_model_gets_plain_file_permissions(tmp_path):
+    """safetensors writes its files 0600 whatever the umask; a model folder must be readable like any other."""
+    from safetensors.torch import save_file
+
+    with atomic_path(tmp_path / "m.safetensors") as tmp:
+        save_file({"x": torch.zeros(2)}, str(tmp))
+    with atomic_path(tmp_path / "plain.txt") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
 def test_atomic_path_never_touches_the_process_umask(tmp_path, monkeypatch):
     """Setting and restoring the umask per write races with other threads creating files; the kernel applies it."""
     def no_umask(*args):

@@ -145,10 +145,13 @@ def atomic_path(path: str | os.PathLike):
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777
     except OSError as e:  # name the file the user asked for, not our hidden temp name
         raise UserError(f"cannot write {path}: {e.strerror}") from None
     try:
         yield tmp
+        if os.stat(tmp).st_mode & 0o777 != mode:  # the writer made a file of its own (safetensors' is 0600)
+            os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
