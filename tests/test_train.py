@@ -121,6 +121,11 @@ def test_flat_folder_trains_an_unconditional_model(tokenizer_dir, tmp_path):
     c = pipe.model.config
     assert (c.num_classes, c.class_dropout, c.cfg_scale) == (1, 0.0, 1.0)
     assert pipe.class_names == ["image"]
+    # guidance or label dropout asked for on one class: said plainly, before any encoding
+    for bad in (dict(cfg_scale=2.0), dict(class_dropout=0.1)):
+        with pytest.raises(UserError, match="one class"):
+            run(cfg(tokenizer_dir, data, tmp_path / "bad", steps=2, **bad))
+        assert not (tmp_path / "bad" / "tokens.safetensors").exists()
 
 
 def test_hflip_encodes_a_mirrored_second_version(tokenizer_dir, data_dir, tmp_path):

@@ -288,6 +288,12 @@ def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes:
     overrides = dict(model_args, num_classes=num_classes, token_bits=tc.z_channels, grid_size=tc.token_grid())
     if num_classes == 1:
         # unconditional: nothing to drop and nothing to guide towards (DiT's recipe for one class)
+        asked = [flag for flag, value in (("--cfg", cfg.cfg_scale), ("--class-dropout", cfg.class_dropout))
+                 if value is not None and value != (1.0 if flag == "--cfg" else 0.0)]
+        asked += [f"--model-arg {k}" for k in ("cfg_scale", "class_dropout") if k in model_args]
+        if asked:
+            raise UserError(f"{', '.join(asked)}: the data has one class (unconditional), so there is no class to "
+                            "drop or to guide towards")
         overrides.update(class_dropout=0.0, cfg_scale=1.0)
     for field, value in (("class_dropout", cfg.class_dropout), ("perturb_rate", cfg.perturb_rate),
                          ("cfg_scale", cfg.cfg_scale), ("cfg_schedule", cfg.cfg_schedule),
@@ -392,14 +398,14 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
     local_batch = cfg.batch_size // info.world_size
     tokenizer = load_tokenizer(cfg.tokenizer, device)
     tok_key = tokenizer_fingerprint(tokenizer)
-    # the model settings (--cfg, --sample-steps, --model-arg) fail now, not after minutes of encoding; the class
-    # count only sizes the class table, so any count above one checks the same fields
-    build_model_config(cfg, tokenizer, num_classes=2)
 
     # -- data: encode once, train on cached ±1 codes ------------------------------------------------
     dataset = load_dataset(cfg.data, tokenizer.config.resolution, tokenizer.config.in_channels, split="train")
     logger.info("data: %s, %d images at %dx%d%s", dataset.source, len(dataset), dataset.resolution,
                 dataset.resolution, f", {dataset.skipped} unreadable skipped" if dataset.skipped else "")
+    # the model settings (--cfg, --sample-steps, --model-arg) fail now, not after minutes of encoding (a flat
+    # folder has no class names: one class, unconditional)
+    build_model_config(cfg, tokenizer, num_classes=len(dataset.class_names or ["image"]))
     versions, labels = _encode(tokenizer, dataset, cfg, out, info, logger)
     labels, class_names = _classes(dataset, labels)
     tokens = TokenSet(versions, labels)
