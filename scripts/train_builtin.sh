@@ -57,7 +57,8 @@ OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$TOKENIZ
 
 # 3b. A second decoder fine-tune, with the official noise-concat decoder (--gan-decoder): step 3's decoder is
 #    widened with noise inputs at zero weight (it starts out decoding exactly as before) and trained on with a
-#    fresh discriminator. Codes unchanged again. (The shipped one started from the packaged float16 copy of step 3.)
+#    fresh discriminator. Codes unchanged again. (The shipped one started from the packaged float16 copy of step 3.
+#    A control without --gan-decoder scored the same: the second GAN fine-tune is what helps; docs/results.md §5.)
 OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$OUT/decoder/model" --decoder-only --gan-decoder \
   --steps 3000 --max-minutes 35 --batch-size 64 --lr 2e-4 --warmup 100 --disc-weight 0.3 --eval-images 1000 \
   --sample-every 1000 --save-every 250 --device cpu --out "$OUT/decoder_noise"
