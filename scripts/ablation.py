@@ -119,7 +119,9 @@ COMMAND_FILE = "train_command.json"
 def train_settings(args, name: str) -> list[str]:
     """The training command without the launcher's path and the device: what decides the model."""
     cmd = train_command(args, name)[len(bitdance_cmd()):]
-    return cmd[:-2] if args.device else cmd
+    cmd = cmd[:-2] if args.device else cmd
+    drop = {i + j for i, flag in enumerate(cmd) if flag in ("--out", "--token-cache") for j in (0, 1)}
+    return [arg for i, arg in enumerate(cmd) if i not in drop]  # paths may be spelled another way next time
 
 
 def trained_before(args, name: str) -> bool:

@@ -136,3 +136,20 @@ def test_lpips_builds_offline_and_loads_a_local_file(tmp_path):
     torch.save({**state, "lins.0.weight": torch.zeros(1, 3, 1, 1)}, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="lins.0.weight has shape"):
         LPIPS(LPIPSConfig(str(tmp_path / "bad.pt")))
+
+
+def test_evaluating_a_noise_decoder_gives_the_same_figures_every_time():
+    """The built-in tokenizer's decoder takes noise: its evaluation must not depend on the global random state."""
+    from bitdance.data import SyntheticImages
+    from bitdance.metrics import evaluate_tokenizer
+    from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
+
+    torch.manual_seed(0)
+    tok = ImageTokenizer(TOKENIZER_PRESETS["tiny"]()).with_noise_decoder().eval()
+    with torch.no_grad():  # let the noise reach the pixels
+        tok.decoder.conv_in.weight[:, tok.config.z_channels:].normal_(0, 0.5)
+    data = SyntheticImages(8, tok.config.resolution, tok.config.in_channels, num_classes=2, seed=0)
+    torch.manual_seed(1)
+    first = evaluate_tokenizer(tok, data)
+    torch.manual_seed(2)
+    assert evaluate_tokenizer(tok, data)["psnr"] == first["psnr"]

@@ -307,6 +307,8 @@ def load_idx(folder: Path, resolution: int, channels: int | None = None, split: 
     # the parent too: torchvision keeps the files in FashionMNIST/raw/
     fashion = any("fashion" in p.name.lower() for p in (here, here.parent))
     names = FASHION_MNIST_CLASSES if fashion and num_classes <= 10 else [str(i) for i in range(num_classes)]
+    if not fashion:  # the names are saved with a trained model: say where they came from
+        log.info("%s: class names 0..%d (the folder's name does not say Fashion-MNIST)", folder, num_classes - 1)
     return TensorImages(x, torch.from_numpy(labels.astype(np.int64)), names, source=f"{folder}:{split}")
 
 

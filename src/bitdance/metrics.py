@@ -144,9 +144,10 @@ def evaluate_tokenizer(tokenizer, dataset, num_images: int | None = None, batch_
     tokenizer.eval()
     meter = ReconstructionMeter(group_size=tokenizer.config.group_size)
     chunks = eval_indices(len(dataset), num_images).split(batch_size)
+    noise = torch.Generator(device=device).manual_seed(0)  # a noise-concat decoder scores the same every time
     for idx in tqdm(chunks, desc="evaluating", unit="batch", disable=not progress):
         images, labels = dataset.get_batch(idx)
-        out = tokenizer(images.to(device))
+        out = tokenizer(images.to(device), generator=noise)
         meter.update(images.to(device), out.reconstruction.float(), out.quant.indices)
         if reconstructions is not None:
             reconstructions.append((to_uint8(out.reconstruction.float().cpu()).numpy(), labels))

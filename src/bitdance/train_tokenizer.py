@@ -181,6 +181,8 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         init = ImageTokenizer.from_pretrained(resolve_tokenizer_path(cfg.init_from))
         if cfg.gan_decoder and not init.config.gan_decoder:
             init = init.with_noise_decoder()  # starts out decoding exactly as before
+        elif cfg.gan_decoder:
+            logger.info("%s already has a noise-concat decoder: --gan-decoder changes nothing", cfg.init_from)
         tok_cfg = init.config
     elif cfg.decoder_only:
         raise UserError("--decoder-only fine-tunes an existing tokenizer's decoder: give --init-from FOLDER")

@@ -194,7 +194,8 @@ def run_reconstruct(args) -> int:
     seen: set[str] = set()
     with torch.no_grad():
         for i, (p, x) in enumerate(zip(args.images, images)):
-            rec = tok.decode(tok.encode(x[None].to(dev))).float().clamp(-1, 1).cpu()  # (1, c, H, W)
+            noise = torch.Generator(device=dev).manual_seed(0)  # a noise-concat decoder: the same picture each run
+            rec = tok.decode(tok.encode(x[None].to(dev)), generator=noise).float().clamp(-1, 1).cpu()  # (1, c, H, W)
             name = Path(p).stem if Path(p).stem not in seen else f"{Path(p).stem}_{i}"
             seen.add(name)
             dest = save_image_grid(torch.cat([x[None], rec]), out / f"{name}_recon.png", nrow=2, scale=scale)
