@@ -57,17 +57,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_command(args, name: str) -> list[str]:
+def train_settings(args, name: str) -> list[str]:
+    """The `bitdance train` arguments that decide the variant's model (not where it is written or run)."""
     head, parallel = VARIANTS[name]
-    cmd = bitdance_cmd() + [
+    cmd = [
         "train", "--tokenizer", args.tokenizer, "--data", args.data, "--preset", "fmnist", "--parallel",
         str(parallel), "--head", head, "--steps", str(args.train_steps), "--batch-size", str(args.train_batch_size),
         "--lr", str(args.lr), "--warmup", str(args.warmup), "--save-every", "1000", "--sample-every", "0",
-        "--no-progress", "--token-cache", str(Path(args.out) / "tokens.safetensors"),
-        "--out", str(Path(args.out) / name),
+        "--no-progress",
     ]
     for field_value in args.model_arg:
         cmd += ["--model-arg", field_value]
+    return cmd
+
+
+def train_command(args, name: str) -> list[str]:
+    cmd = bitdance_cmd() + train_settings(args, name) + [
+        "--token-cache", str(Path(args.out) / "tokens.safetensors"), "--out", str(Path(args.out) / name)]
     return cmd + (["--device", args.device] if args.device else [])
 
 
@@ -114,14 +120,6 @@ def train_all(args) -> dict[str, float]:
 
 
 COMMAND_FILE = "train_command.json"
-
-
-def train_settings(args, name: str) -> list[str]:
-    """The training command without the launcher's path and the device: what decides the model."""
-    cmd = train_command(args, name)[len(bitdance_cmd()):]
-    cmd = cmd[:-2] if args.device else cmd
-    drop = {i + j for i, flag in enumerate(cmd) if flag in ("--out", "--token-cache") for j in (0, 1)}
-    return [arg for i, arg in enumerate(cmd) if i not in drop]  # paths may be spelled another way next time
 
 
 def trained_before(args, name: str) -> bool:

@@ -369,15 +369,19 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _class_names(folder: Path) -> list[str] | None:
-    """The class names `load_folder(folder)` gives: its subfolders if any holds an image, else None (flat)."""
+    """The class names `load_folder(folder)` gives: its subfolders if any holds an image, else None (flat).
+    Stops at the first image found: another split needs only the names, not a listing of this one."""
     subdirs = _subfolders(folder)
-    return [d.name for d in subdirs] if any(_image_files(d, recursive=True) for d in subdirs) else None
+    return [d.name for d in subdirs] if any(next(_iter_images(d, True), None) for d in subdirs) else None
+
+
+def _iter_images(folder: Path, recursive: bool):
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    return (p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+    return sorted(_iter_images(folder, recursive))
 
 
 def _short(e: Exception) -> str:

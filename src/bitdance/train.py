@@ -23,7 +23,6 @@ repeats exactly the draws it would have made without stopping.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -52,7 +51,6 @@ from bitdance.utils import (
     StepBoundaryInterrupt,
     UserError,
     any_rank,
-    atomic_path,
     autocast,
     barrier,
     changed_fields,
@@ -60,6 +58,7 @@ from bitdance.utils import (
     check_loop_options,
     check_training_dtype,
     cleanup_distributed,
+    copy_file_atomic,
     cosine_lr,
     count_parameters,
     ema_decay_at,
@@ -288,8 +287,8 @@ def build_model_config(cfg: TrainConfig, tokenizer: ImageTokenizer, num_classes:
     overrides = dict(model_args, num_classes=num_classes, token_bits=tc.z_channels, grid_size=tc.token_grid())
     if num_classes == 1:
         # unconditional: nothing to drop and nothing to guide towards (DiT's recipe for one class)
-        asked = [flag for flag, value in (("--cfg", cfg.cfg_scale), ("--class-dropout", cfg.class_dropout))
-                 if value is not None and value != (1.0 if flag == "--cfg" else 0.0)]
+        flags = (("--cfg", cfg.cfg_scale, 1.0), ("--class-dropout", cfg.class_dropout, 0.0))  # (flag, value, no-op)
+        asked = [flag for flag, value, no_op in flags if value not in (None, no_op)]
         asked += [f"--model-arg {k}" for k in ("cfg_scale", "class_dropout") if k in model_args]
         if asked:
             raise UserError(f"{', '.join(asked)}: the data has one class (unconditional), so there is no class to "
@@ -470,8 +469,7 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
         if main:
             path = save_grid(ema, tokenizer, class_names, out / "samples" / f"step_{at_step:07d}.png",
                              cfg.samples_per_class, cfg.max_grid_classes, grid_gen_seed)
-            with atomic_path(out / "samples.png") as tmp:
-                shutil.copyfile(path, tmp)
+            copy_file_atomic(path, out / "samples.png")
 
     # -- loop ---------------------------------------------------------------------------------------
     from tqdm import tqdm

@@ -18,7 +18,6 @@ Run folder:
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ from bitdance.utils import (
     JsonlLog,
     StepBoundaryInterrupt,
     UserError,
-    atomic_path,
     autocast,
     barrier,
     changed_fields,
@@ -52,6 +50,7 @@ from bitdance.utils import (
     check_training_dtype,
     cleanup_distributed,
     config_from_dict,
+    copy_file_atomic,
     cosine_lr,
     ema_decay_at,
     find_resume_checkpoint,
@@ -272,8 +271,7 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
         scale = max(1, 96 // tok_cfg.resolution)
         path = save_image_grid(torch.cat([fixed, rec]), out / "samples" / f"recon_{at_step:07d}.png", nrow=8,
                                row_labels=["input", "recon"], scale=scale)
-        with atomic_path(out / "reconstructions.png") as tmp:
-            shutil.copyfile(path, tmp)
+        copy_file_atomic(path, out / "reconstructions.png")
 
     from tqdm import tqdm
 

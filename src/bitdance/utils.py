@@ -163,6 +163,15 @@ def atomic_path(path: str | os.PathLike):
             os.remove(tmp)
 
 
+def copy_file_atomic(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy `source` over `dest` so that a reader of `dest` sees the old file or the new one, never half of one."""
+    import shutil
+
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(dest)
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """torch.save a dict of tensors and plain Python values atomically (loadable with weights_only=True)."""
     with atomic_path(path) as tmp:

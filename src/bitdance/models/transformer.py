@@ -353,9 +353,9 @@ class BitDance(nn.Module, PretrainedMixin):
             raise UserError(f"expected tokens of shape (b, {n}, {k}) for this model, got {tuple(tokens.shape)}")
         # an id past the table is an index error (a device-side assert on a GPU); the null class (id num_classes)
         # is for the unguided branch, and training draws it itself (label dropout)
-        last = self.config.num_classes - (0 if allow_null else 1)
         if labels.device.type != "cpu":  # checking would stall an accelerator every step; the trainer's labels
             return  # are valid by construction
+        last = self.config.num_classes - (0 if allow_null else 1)
         bad = labels[(labels < 0) | (labels > last)]
         if bad.numel():
             raise UserError(f"class labels must be in 0..{last}, got {int(bad[0])}")
