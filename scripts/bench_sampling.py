@@ -61,15 +61,17 @@ class Split:
             self._wrap(model.head, name, key)
         for name in ("prefill", "decode_step", "prefix_conditions"):
             self._wrap(model, name, "backbone")
-        net = getattr(model.head, "net", model.head)  # the bitwise head is one layer, called once per AR step
-        fwd = net.forward
+        # one network evaluation of the head: forward_net (diffusion head, once per flow step), or the logits layer
+        # (bitwise head, once per AR step); neither head's sample goes through a module's forward
+        obj, name = (model.head, "forward_net") if hasattr(model.head, "forward_net") else (model.head, "logits")
+        fn = getattr(obj, name)
 
         def counted(*a, **k):
             self.calls += 1
-            return fwd(*a, **k)
+            return fn(*a, **k)
 
-        self._orig[(net, "forward")] = fwd
-        net.forward = counted
+        self._orig[(obj, name)] = fn
+        setattr(obj, name, counted)
 
     def _wrap(self, obj, name, key):
         fn = getattr(obj, name)
@@ -116,20 +118,29 @@ def run_once(model, labels, head_steps, use_cache, seed=0, split=False):
 
 
 def flops_per_image(model, head_steps) -> dict:
-    """FLOPs of sampling one image (CFG on), head vs backbone; linear in head steps, so count 1 and 2 steps."""
+    """FLOPs of sampling one image (CFG on), head vs backbone, counted at the benchmark's head steps.
+
+    The head's share is counted by a second counter around `head.sample` (nested counters both see its ops), so a
+    head that ignores the step count (the bitwise one) is counted as it runs, not extrapolated from step counts."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
-    labels = torch.zeros(1, dtype=torch.long, device=device)
-    counts = []
-    for n in (1, 2):
+    head_sample, head_flops = model.head.sample, []
+
+    def counted_sample(*args, **kwargs):
+        with FlopCounterMode(display=False) as inner:
+            out = head_sample(*args, **kwargs)
+        head_flops.append(inner.get_total_flops())
+        return out
+
+    model.head.sample = counted_sample
+    try:
         with FlopCounterMode(display=False) as fc:
-            generate(model, labels, num_steps=n, generator=torch.Generator(device=device).manual_seed(0),
-                     progress=False)
-        counts.append(fc.get_total_flops())
-    per_head_step = counts[1] - counts[0]  # one more net call (+ its update) at every AR step
-    total = counts[0] + (head_steps - 1) * per_head_step
-    head = (head_steps + 1) * per_head_step  # N stochastic steps + the final Euler step
+            generate(model, torch.zeros(1, dtype=torch.long, device=device), num_steps=head_steps,
+                     generator=torch.Generator(device=device).manual_seed(0), progress=False)
+    finally:
+        del model.head.sample  # the class method shows through again
+    total, head = fc.get_total_flops(), sum(head_flops)
     return {"total_gflop": total / 1e9, "head_gflop": head / 1e9, "backbone_gflop": (total - head) / 1e9}
 
 
