@@ -144,6 +144,12 @@ def test_fid_zero_on_itself_and_grows_with_noise():
     assert precisions[2] < precisions[0]
 
 
+def test_fid_on_mps_is_refused_before_any_work():
+    # the FID sums are float64, which MPS lacks: say so up front instead of failing inside torchmetrics
+    with pytest.raises(UserError, match="MPS"):
+        compute_reference_stats(ListDataset(smooth_images(4)), tiny_extractor(), device="mps", progress=False)
+
+
 def test_precision_recall_subset_does_not_depend_on_the_sample_order():
     """Sample files come in label order (sample-ddp, `bitdance sample --out x.npz`): a precision/recall subset
     taken from the first rows would see the first classes only and report a recall of about 1/3 here."""

@@ -220,6 +220,8 @@ def _make_metric(extractor: nn.Module, sample: torch.Tensor, keep: int, device: 
                  reservoir_seed: int | None = None):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    if device.type == "mps":  # torchmetrics keeps the FID sums in float64, which MPS does not have
+        raise UserError("FID cannot run on MPS (its statistics need float64); use --device cpu")
     num_features = getattr(extractor, "num_features", None)
     if num_features is None:
         with torch.no_grad():
