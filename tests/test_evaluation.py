@@ -317,6 +317,23 @@ def test_wrong_npz_is_user_error(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
+def test_classifier_fits_other_sizes_and_channels_like_the_data_loader():
+    from bitdance.data import fit_uint8, to_float
+
+    clf = Classifier(ClassifierConfig(in_channels=1, num_classes=2, resolution=32, width=4))
+    small = torch.randint(0, 256, (2, 28, 28, 1), dtype=torch.uint8)  # NHWC, as samples come
+    small[:, :1], small[:, -1:], small[:, :, :1], small[:, :, -1:] = 0, 0, 0, 0  # a black border, as in FMNIST
+    padded = to_float(fit_uint8(small.permute(0, 3, 1, 2), 32))  # what the 28x28 training images became
+    assert torch.equal(clf.prepare(small), padded)  # padded, not stretched to 32
+    assert torch.equal(clf.prepare(small.numpy()), padded)
+    assert torch.equal(clf.prepare(padded), padded)  # float in the right shape passes through
+    colour = torch.rand(2, 3, 32, 32) * 2 - 1
+    luma = clf.prepare(colour)
+    assert luma.shape == (2, 1, 32, 32) and luma.min() >= -1 and luma.max() <= 1
+    with pytest.raises(UserError, match="channels"):
+        clf.prepare(torch.zeros(1, 32, 32, 4, dtype=torch.uint8))
+
+
 def test_classifier_learns_separable_set_and_round_trips(tmp_path):
     x_u8, y = separable_images(96, size=16)
     x = torch.from_numpy(x_u8)[:, None].float() / 127.5 - 1.0  # (n, 1, 16, 16)

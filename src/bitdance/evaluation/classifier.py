@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitdance.data import to_float
+from bitdance.data import convert_channels, fit_uint8, to_float
+from bitdance.evaluation.fid import signed_to_uint8
 from bitdance.utils import PretrainedMixin, UserError, cosine_lr, write_json
 
 
@@ -73,22 +74,22 @@ class Classifier(nn.Module, PretrainedMixin):
         return self.head(h.mean(dim=(2, 3)))  # (b, num_classes)
 
     def prepare(self, images) -> torch.Tensor:
-        """uint8 (n, H, W, c) or float (n, c, H, W) in [-1, 1] -> float (n, c', R, R) the network expects."""
+        """uint8 (n, H, W, c) or float (n, c, H, W) in [-1, 1] -> float (n, c', R, R) the network expects.
+
+        Images of another size or channel count are fitted as the training data were when they were loaded
+        (`data.fit_uint8`: smaller ones padded with their border colour, larger ones resized and centre-cropped;
+        colour to luma), so 28x28 samples are padded like 28x28 Fashion-MNIST, not stretched."""
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-        if x.dtype == torch.uint8:
-            x = to_float(x.permute(0, 3, 1, 2))  # (n, c, H, W) in [-1, 1]
-        x = x.float()
         c, r = self.config.in_channels, self.config.resolution
-        if x.shape[1] != c:
-            if x.shape[1] == 3 and c == 1:
-                x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # luma
-            elif x.shape[1] == 1 and c == 3:
-                x = x.expand(-1, 3, -1, -1)
-            else:
-                raise UserError(f"classifier wants {c}-channel images, got {x.shape[1]} channels")
-        if x.shape[-2:] != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
-        return x
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2)  # (n, c, H, W)
+        elif (x.shape[1], *x.shape[-2:]) == (c, r, r):
+            return x.float()
+        else:
+            x = signed_to_uint8(x)  # (n, c, H, W) uint8, as an image file of the sample would hold
+        if x.shape[1] not in (1, 3):
+            raise UserError(f"classifier wants {c}-channel images, got {x.shape[1]} channels")
+        return to_float(convert_channels(fit_uint8(x, r), c))  # (n, c', R, R)
 
     @torch.no_grad()
     def predict(self, images, batch_size: int = 256) -> torch.Tensor:
