@@ -207,6 +207,7 @@ def test_temperature_scales_the_step_noise_only():
     default = flow.sample(toy_net()[0], noise=noise, num_steps=6, cfg_scale=2.0, binarize=False,
                           generator=torch.Generator().manual_seed(2))  # no temperature given
     assert torch.equal(draw(1.0), official) and torch.equal(default, official)
+    assert torch.equal(draw(None), official)  # the flow has no model default: None is the official 1
     ref = reference_sampler(toy_net()[0], noise, 6, 2.0, torch.Generator().manual_seed(2), temperature=0.5)
     assert torch.allclose(draw(0.5), ref, atol=1e-6, rtol=0)
     # at 0 only the start noise is random: the generator's later draws change nothing

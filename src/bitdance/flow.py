@@ -6,8 +6,9 @@ network predicts the clean bits x (x-prediction) and everything here converts th
 Conventions (ref §4.2): t = 1 is data, t = 0 is noise, z_t = (1 - t) eps + t x.
 Velocity from an x-prediction: v = (x_hat - z) / max(1 - t, 0.05); the clamp keeps v bounded near t = 1.
 
-Sampler (ref §4.3, §8): Euler-Maruyama on an fp32 grid from t = 0 to 0.95 in N equal steps (t accumulated
-with `t += dt` in fp32, as the official loop does), then one deterministic Euler step of 0.05, then sign.
+Sampler (ref §4.3, §8): Euler-Maruyama on an fp32 grid from t = 0 to 0.95 in N steps, equal when time_shift = 1
+(t accumulated with `t += dt` in fp32, as the official loop does; a shift makes them unequal, see timestep_grid),
+then one deterministic Euler step of 0.05, then sign.
 An optional temperature scales the per-step noise of the Euler-Maruyama updates (as MAR's diffusion head does):
 1 is the official sampler, below 1 draws closer to the modes, 0 leaves only the drift.
 Precision as in the official head: the network runs under the caller's autocast (bf16 on a GPU with
@@ -184,7 +185,7 @@ class RectifiedFlow:
         index: int,
         sample: torch.Tensor,
         generator: torch.Generator | None = None,
-        temperature: float = 1.0,
+        temperature: float | None = 1.0,
     ) -> torch.Tensor:
         """One update of x with an (already guided) velocity at step `index` of `set_timesteps`.
 
@@ -197,7 +198,7 @@ class RectifiedFlow:
         t = self.timesteps[index].to(sample.device)
         dt = self.step_sizes[index].to(sample.device)
         final = index == self.num_inference_steps
-        return self._update(sample.float(), velocity.float(), t, dt, final, generator, check_temperature(temperature))
+        return self._update(sample.float(), velocity.float(), t, dt, final, generator, _flow_temperature(temperature))
 
     @staticmethod
     def _update(x, v, t, dt, final: bool, generator, temperature: float = 1.0):
@@ -220,7 +221,7 @@ class RectifiedFlow:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         binarize: bool = True,
-        temperature: float = 1.0,
+        temperature: float | None = 1.0,
     ) -> torch.Tensor:
         """Draw x (b, ..., k) from the flow; exactly ±1 when `binarize` (x > 0 -> +1, else -1).
 
@@ -236,7 +237,7 @@ class RectifiedFlow:
             dev = torch.device(device) if device is not None else (generator.device if generator else "cpu")
         else:
             dev = noise.device
-        temperature = check_temperature(temperature)
+        temperature = _flow_temperature(temperature)
         ts, dts = self.timestep_grid(num_steps)  # CPU 0-dim scalars mix with tensors on any device
         if noise is None:
             x = random_on("normal", shape, generator, dev)  # (b, ..., k) fp32
@@ -261,6 +262,11 @@ def check_temperature(temperature: float | None) -> float | None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise UserError(f"sampling temperature must be finite and >= 0, got {temperature}")
     return float(temperature)
+
+
+def _flow_temperature(temperature: float | None) -> float:
+    """The flow has no model default to fall back on: None is the official sampler's 1."""
+    return 1.0 if temperature is None else check_temperature(temperature)
 
 
 def to_bits(x: torch.Tensor) -> torch.Tensor:

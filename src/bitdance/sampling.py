@@ -8,6 +8,7 @@ image and both branches are fed the same tokens.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -28,11 +29,14 @@ def sampling_settings(config, num_steps: int | None = None, cfg_scale: float | N
                       cfg_schedule: str | None = None) -> tuple[int, float, str]:
     """(head steps, cfg scale, cfg schedule) for a model of `config` (BitDanceConfig): None takes the model's
     default; a value no sampler accepts is a UserError, so callers can check before any long work."""
+    if num_steps is not None and (isinstance(num_steps, bool) or num_steps != int(num_steps)):
+        raise UserError(f"the number of head sampling steps must be a whole number, got {num_steps!r}")
     num_steps = config.num_sampling_steps if num_steps is None else int(num_steps)
     cfg_scale = config.cfg_scale if cfg_scale is None else float(cfg_scale)
     cfg_schedule = check_cfg_schedule(config.cfg_schedule if cfg_schedule is None else cfg_schedule)
-    if not cfg_scale >= 1.0:  # NaN too: it would compare False both ways and sample unguided
-        raise UserError(f"cfg scale must be >= 1 (1 turns guidance off), got {cfg_scale}")
+    # NaN compares False both ways (it would sample unguided); inf makes every velocity inf, every bit -1
+    if not (cfg_scale >= 1.0 and math.isfinite(cfg_scale)):
+        raise UserError(f"cfg scale must be finite and >= 1 (1 turns guidance off), got {cfg_scale}")
     if cfg_scale > 1.0 and config.class_dropout == 0:
         raise UserError(f"cfg scale {cfg_scale:g} needs a model trained with class dropout: this one never saw its "
                         "null class, so there is nothing to guide away from (use cfg 1)")
@@ -64,7 +68,12 @@ def generate(
     num_steps, cfg_scale, cfg_schedule = sampling_settings(c, num_steps, cfg_scale, cfg_schedule)
 
     device = model.norm.weight.device
-    labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)  # (b,)
+    labels = torch.as_tensor(class_labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim > 1:
+        # a cast would make 1.9 class 1 and flatten a (b, 2) batch without a word
+        raise UserError(f"class labels must be integers, one per image; got {labels.dtype} of shape "
+                        f"{tuple(labels.shape)}")
+    labels = labels.to(device=device, dtype=torch.long).reshape(-1)  # (b,)
     if labels.numel() == 0:
         raise UserError("no class labels given")
     if int(labels.min()) < 0 or int(labels.max()) >= c.num_classes:

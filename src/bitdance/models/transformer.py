@@ -100,8 +100,8 @@ class BitDanceConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         # the sampling defaults saved with the model: caught here, not at the first `bitdance sample` after training
-        if not self.cfg_scale >= 1:  # NaN too
-            raise UserError(f"cfg_scale must be >= 1 (1 turns guidance off), got {self.cfg_scale}")
+        if not (self.cfg_scale >= 1 and math.isfinite(self.cfg_scale)):  # NaN and inf too
+            raise UserError(f"cfg_scale must be finite and >= 1 (1 turns guidance off), got {self.cfg_scale}")
         if self.num_sampling_steps < 1:
             raise UserError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
 
