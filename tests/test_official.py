@@ -333,7 +333,7 @@ def test_sample_ddp_two_gloo_processes_then_resume_in_one(tmp_path, capsys):
     # (a guidance scale no sampler takes fails before the settings are written, so the folder stays usable)
     code, _, err = run_cli(["sample-ddp", "--model", dst, "--out", other, "--seed", "7", "--cfg-scale", "0.5",
                             *SAMPLE_ARGS], capsys)
-    assert code == 2 and "cfg scale must be >= 1" in err and not (tmp_path / "t" / "samples.chunks").exists()
+    assert code == 2 and "cfg scale must be finite and >= 1" in err and not (tmp_path / "t" / "samples.chunks").exists()
     assert run_cli(["sample-ddp", "--model", dst, "--out", other, "--seed", "7", "--temperature", "0.5",
                     *SAMPLE_ARGS], capsys)[0] == 0
     assert not np.array_equal(np.load(other)["arr_0"], images)

@@ -412,8 +412,10 @@ def sample_class_balanced(cfg: SampleSetConfig) -> Path | None:
             diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
             raise UserError(f"{chunk_dir} was sampled with other settings ({'; '.join(diff[:3])}); "
                             "use another --out or delete that folder")
+        # every rank makes the folder: one it cannot make (permissions, a file in the way) fails every rank alike,
+        # instead of rank 0 alone while the others wait at the barrier for the backend's timeout
+        chunk_dir.mkdir(parents=True, exist_ok=True)
         if info.is_main:
-            chunk_dir.mkdir(parents=True, exist_ok=True)
             write_json(settings, sidecar)
         barrier(info)
 
