@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup generate lint test data clean
+.PHONY: setup generate lint test data clean clean-runs
 
 setup: $(VENV)/.installed
 
@@ -36,5 +36,10 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q
 
+# runs/ holds training runs (hours of work): `clean` keeps them; `clean-runs` deletes them, on purpose only
 clean:
-	rm -rf $(VENV) outputs runs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+clean-runs:
+	rm -rf runs

@@ -13,7 +13,8 @@ split, class consistency, images/s) and draws the speed/quality plot OUT/ablatio
     python scripts/ablation.py --tokenizer T --device cuda --variants diffusion-4x --model-arg dim=384 --out runs/wide
     python scripts/ablation.py --plot-only --out runs/ablation --speed runs/bench_sampling*/bench_sampling.json
 
-A variant whose OUT/NAME/model exists is not retrained; one with a checkpoint resumes.
+A variant whose OUT/NAME/model exists is not retrained; one with a checkpoint resumes (both only with the
+settings recorded in OUT/NAME/train_command.json). Ctrl-C stops the runs after they saved; rerun to go on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_generator import add_eval_args, bitdance_cmd, evaluate, format_rows  # noqa: E402
+from bench_tokenizer import stop_runs  # noqa: E402
+from eval_generator import add_eval_args, bitdance_cmd, check_eval_inputs, evaluate, format_rows  # noqa: E402
 
 VARIANTS = {  # name -> (head, tokens per AR step)
     "diffusion-1x": ("diffusion", 1),
@@ -85,12 +87,15 @@ def train_all(args) -> dict[str, float]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    todo = [n for n in args.variants if not trained_before(args, n)]
+    for name in todo:  # a run that resumes its checkpoint goes on with the settings it started with
+        if (out / name / "checkpoint.pt").is_file():
+            same_settings(args, name, "a checkpoint")
     device = resolve_device(args.device)
     tok = load_tokenizer(args.tokenizer, device)  # one shared token cache, written before the runs start
     data = load_dataset(args.data, tok.config.resolution, tok.config.in_channels, split="train")
     encode_dataset(tok, data, 256, device, out / "tokens.safetensors")
 
-    todo = [n for n in args.variants if not trained_before(args, n)]
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     walls: dict[str, float] = {}
     try:
@@ -113,9 +118,9 @@ def train_all(args) -> dict[str, float]:
                                          f"see {out / name}/train.out")
                     walls[name] = time.perf_counter() - start
                     print(f"{name}: trained in {walls[name] / 60:.1f} min", flush=True)
-    finally:  # a failure (or Ctrl-C) must not leave the other runs holding the machine
-        for proc, _ in running.values():
-            proc.terminate()
+    except BaseException as e:  # a failure (or Ctrl-C) must not leave the other runs holding the machine
+        stop_runs([proc for proc, _ in running.values()], interrupted=isinstance(e, KeyboardInterrupt))
+        raise
     return walls
 
 
@@ -125,17 +130,25 @@ COMMAND_FILE = "train_command.json"
 def trained_before(args, name: str) -> bool:
     """True if OUT/NAME holds a finished model trained by this same command (it is reused); a finished model of
     other settings is refused rather than silently scored as if it were this run's."""
-    from bitdance.utils import read_json
-
     folder = Path(args.out) / name
     if not (folder / "model" / "model_index.json").is_file():
         return False
-    saved = read_json(folder / COMMAND_FILE) if (folder / COMMAND_FILE).is_file() else None
-    if saved is not None and saved != train_settings(args, name):
-        raise SystemExit(f"{folder} holds a model trained with other settings (see {folder / COMMAND_FILE}); "
-                         "choose another --out, or delete it to train again")
-    print(f"{name}: reusing the model in {folder}" + ("" if saved else " (trained before commands were recorded)"),
+    recorded = same_settings(args, name, "a model")
+    print(f"{name}: reusing the model in {folder}" + ("" if recorded else " (trained before commands were recorded)"),
           flush=True)
+    return True
+
+
+def same_settings(args, name: str, what: str) -> bool:
+    """Refuse OUT/NAME when its recorded training settings are not this command's; False if it has no record."""
+    from bitdance.utils import UserError, read_json
+
+    folder = Path(args.out) / name
+    if not (folder / COMMAND_FILE).is_file():
+        return False
+    if read_json(folder / COMMAND_FILE) != train_settings(args, name):
+        raise UserError(f"{folder} holds {what} trained with other settings (see {folder / COMMAND_FILE}); "
+                        "choose another --out, or delete it to train again")
     return True
 
 
@@ -189,7 +202,10 @@ def plot(rows: list[dict], path: Path, speed: dict | None = None) -> None:
     ax_acc.set(ylabel="class consistency (%)", ylim=(50, 100), title="class conditioning")
     ax_acc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from bitdance.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -220,6 +236,7 @@ def main(argv=None) -> int:
     if args.plot_only:
         rows = json.loads((out / "results.json").read_text())
     else:
+        check_eval_inputs(args)  # a wrong --classifier or --data fails now, not after hours of training
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         walls = train_all(args)
         rows = []
@@ -242,4 +259,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bitdance.cli import report_errors
+
+    sys.exit(report_errors(main, Path(__file__).name))

@@ -100,4 +100,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bitdance.cli import report_errors
+
+    raise SystemExit(report_errors(main, Path(__file__).name))

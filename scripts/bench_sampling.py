@@ -27,7 +27,7 @@ import torch
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.sampling import generate
-from bitdance.utils import write_json
+from bitdance.utils import UserError, atomic_path, write_json
 
 
 def build(parallel: int, head: str = "diffusion", seed: int = 0, device="cpu") -> BitDance:
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per setting, round robin (fastest kept)")
     ap.add_argument("--no-cache-free", dest="cache_free", action="store_false", help="skip the cache-free runs")
     ap.add_argument("--cache-free-batch", type=int, default=None,
-                    help="batch size for the cache-free runs (default: the largest of --batch-sizes)")
+                    help="batch size for the cache-free runs, one of --batch-sizes (default: the largest)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy "
                     "2-core machine: spinning threads cost more than they give on these small matmuls)")
     ap.add_argument("--head", default="diffusion", choices=("diffusion", "bitwise"), help="token head")
@@ -160,6 +160,10 @@ def main(argv=None) -> int:
                     help="cpu or cuda (on a GPU the head/backbone split comes from a second, untimed run)")
     ap.add_argument("--out", default="runs/bench_sampling")
     args = ap.parse_args(argv)
+    if args.cache_free_batch is not None and args.cache_free_batch not in args.batch_sizes:
+        # the cache-free run is compared with the cached one at the same batch, which only --batch-sizes times
+        raise UserError(f"--cache-free-batch {args.cache_free_batch} must be one of --batch-sizes "
+                        f"({' '.join(map(str, args.batch_sizes))})")
     device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
@@ -278,9 +282,12 @@ def plot(res: dict, path: Path) -> None:
     where = f"CPU ({res['threads']} thread(s))" if res.get("device", "cpu") == "cpu" else res["device_name"]
     fig.suptitle(f"BitDance fmnist sampling ({res.get('head', 'diffusion')} head), {where}, CFG on")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bitdance.cli import report_errors
+
+    sys.exit(report_errors(main, Path(__file__).name))

@@ -23,6 +23,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,31 @@ TARGET_PSNR = 26.0
 def bitdance_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("bitdance")
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "bitdance.cli"]
+
+
+def stop_runs(procs: list[subprocess.Popen], interrupted: bool, grace_s: float = 120.0) -> None:
+    """Stop the training runs still going, each after it saved (our scripts' one way to end their trainers).
+
+    The trainers stop on SIGINT at the end of their step and save a checkpoint; SIGTERM would kill them unsaved.
+    After Ctrl-C they got the SIGINT already (a terminal signals the whole process group): wait for them. After
+    a failure elsewhere, send it. Only a run still going after `grace_s`, or at a second Ctrl-C, is terminated.
+    """
+    alive = [p for p in procs if p.poll() is None]
+    if not alive:
+        return
+    if not interrupted:
+        for p in alive:
+            p.send_signal(signal.SIGINT)
+    print(f"waiting for {len(alive)} training run(s) to save (Ctrl-C again: stop them unsaved)", file=sys.stderr,
+          flush=True)
+    deadline = time.monotonic() + grace_s
+    try:
+        for p in alive:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):  # no run may be left holding the machine
+        for p in alive:
+            if p.poll() is None:
+                p.terminate()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,7 +144,8 @@ def main(argv=None) -> int:
     for group in groups:
         t0, procs = time.time(), {}
         for q in group:
-            log = (out / q / "train.out").open("w") if len(group) > 1 else None  # bars would interleave
+            # bars would interleave; "a": a resumed run keeps the log of its earlier part
+            log = (out / q / "train.out").open("a") if len(group) > 1 else None
             procs[q] = (subprocess.Popen(cmds[q][0], env=env, stdout=log, stderr=log), log)
             if log:
                 print(f"[{q}] training, output in {out / q / 'train.out'}", flush=True)
@@ -133,10 +160,9 @@ def main(argv=None) -> int:
                     if proc.returncode != 0:
                         raise SystemExit(f"[{q}] training failed (exit {proc.returncode}); see {out / q}")
                 time.sleep(1)
-        finally:  # a failure (or Ctrl-C) must not leave the other run holding the machine
-            for proc, _ in procs.values():
-                if proc.poll() is None:
-                    proc.terminate()
+        except BaseException as e:  # a failure (or Ctrl-C) must not leave the other run holding the machine
+            stop_runs([proc for proc, _ in procs.values()], interrupted=isinstance(e, KeyboardInterrupt))
+            raise
 
     for q, (tcmd, ecmd) in cmds.items():
         t0 = time.time()
@@ -170,4 +196,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bitdance.cli import report_errors
+
+    sys.exit(report_errors(main, Path(__file__).name))

@@ -47,6 +47,20 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-cache", default="runs/fid_stats", help="cached reference statistics")
 
 
+def check_eval_inputs(args) -> None:
+    """The files the scoring reads, checked before sampling: otherwise a mistyped path fails only after it."""
+    from bitdance.utils import CONFIG_NAME, WEIGHTS_NAME, UserError
+
+    classifier = Path(args.classifier)
+    if not (classifier / CONFIG_NAME).is_file() or not (classifier / WEIGHTS_NAME).is_file():
+        raise UserError(f"--classifier {classifier} is not a trained classifier (needs {CONFIG_NAME} and "
+                        f"{WEIGHTS_NAME}); train one with `bitdance eval train-classifier --data DATA --out DIR`")
+    if not Path(args.data).exists():
+        raise UserError(f"--data {args.data} does not exist")
+    if args.inception and not Path(args.inception).is_file():
+        raise UserError(f"--inception {args.inception} is not a file")
+
+
 def _run_json(cmd: list[str]) -> dict:
     print("  $", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -164,10 +178,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/eval/generator", help="folder for the .npz files and results.json")
     add_eval_args(p)
     args = p.parse_args(argv)
+    check_eval_inputs(args)
     rows = evaluate(args.model, Path(args.out), args, name=args.name)
     print(format_rows(rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bitdance.cli import report_errors
+
+    sys.exit(report_errors(main, Path(__file__).name))

@@ -109,4 +109,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bitdance.cli import report_errors
+
+    sys.exit(report_errors(main, Path(__file__).name))

@@ -35,18 +35,35 @@ fi
 #    rises again); then four times 1,500 more steps at batch 64, each with a fresh warmup + cosine
 #    (--schedule-start), at lr 3e-4, then 2e-4 three times.
 #    Sampling defaults saved with it: guidance 1.5, 6 head steps (docs/results.md section 3).
+GEN=$OUT/generator
+# The stages share one run folder and `bitdance train` refuses a --steps below its checkpoint's step, so on a
+# rerun (or after a crash in a later stage) a stage the checkpoint has passed is skipped. One it has just reached
+# still runs if it has not exported the model since: it then trains nothing and exports.
+checkpoint_step() {  # 0 without a readable checkpoint (an unreadable one is then reported by `bitdance train`)
+  $PYTHON -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True, mmap=True)['step'])" \
+    "$GEN/checkpoint.pt" 2>/dev/null || echo 0
+}
+stage_done() {  # stage_done STEPS: the checkpoint is past STEPS, or at it with the model exported since
+  local at
+  at=$(checkpoint_step)
+  [ "$at" -gt "$1" ] || { [ "$at" -eq "$1" ] && [ "$GEN/model/model_index.json" -nt "$GEN/checkpoint.pt" ]; }
+}
+train_stage() {  # train_stage STEPS FLAGS...
+  local target=$1
+  shift
+  if stage_done "$target"; then
+    echo "generator: the checkpoint is at step $(checkpoint_step), skipping the stage to step $target"
+    return
+  fi
+  $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
+    --steps "$target" --ema 0.999 --cfg 1.5 --sample-steps 6 --warmup 100 --device cpu --out "$GEN" "$@"
+}
 for steps in 3000 6000; do
-  $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
-    --steps "$steps" --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --cfg 1.5 --sample-steps 6 \
-    --save-every 200 --device cpu --out "$OUT/generator"
+  train_stage "$steps" --batch-size 32 --lr 1e-3 --save-every 200
 done
-$BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
-  --steps 7500 --schedule-start 6000 --batch-size 64 --lr 3e-4 --warmup 100 --ema 0.999 --cfg 1.5 --sample-steps 6 \
-  --save-every 250 --device cpu --out "$OUT/generator"
+train_stage 7500 --schedule-start 6000 --batch-size 64 --lr 3e-4 --save-every 250
 for steps in 9000 10500 12000; do
-  $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
-    --steps "$steps" --schedule-start $((steps - 1500)) --batch-size 64 --lr 2e-4 --warmup 100 --ema 0.999 \
-    --cfg 1.5 --sample-steps 6 --save-every 250 --device cpu --out "$OUT/generator"
+  train_stage "$steps" --schedule-start $((steps - 1500)) --batch-size 64 --lr 2e-4 --save-every 250
 done
 
 # 3. Decoder fine-tune with a GAN loss (weight 0.3): the encoder and quantizer are frozen, so the codes, and with
@@ -65,13 +82,19 @@ OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$OUT/dec
 
 # 4. Install into the package: the generator with the fine-tuned tokenizer, safetensors stored in float16
 #    (16 MB instead of 33 MB; loads back as fp32).
+#    Saved beside the packaged model and swapped in only once whole: a failed save leaves the old one in place.
 if [ "${INSTALL:-1}" = 1 ]; then
-  rm -rf src/bitdance/builtin
+  NEW=src/bitdance/.builtin.new OLD=src/bitdance/.builtin.old
+  rm -rf "$NEW"  # left by an install that failed
   $PYTHON -c "import sys, torch
 from bitdance.models.autoencoder import ImageTokenizer
 from bitdance.pipeline import BitDancePipeline
 pipe = BitDancePipeline.from_pretrained(sys.argv[1])
 pipe.tokenizer = ImageTokenizer.from_pretrained(sys.argv[2])
-pipe.save_pretrained('src/bitdance/builtin', dtype=torch.float16)" "$OUT/generator/model" "$OUT/decoder_noise/model"
+pipe.save_pretrained(sys.argv[3], dtype=torch.float16)" "$GEN/model" "$OUT/decoder_noise/model" "$NEW"
+  rm -rf "$OLD"
+  if [ -e src/bitdance/builtin ]; then mv src/bitdance/builtin "$OLD"; fi
+  mv "$NEW" src/bitdance/builtin
+  rm -rf "$OLD"
   du -sh src/bitdance/builtin
 fi

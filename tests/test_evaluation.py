@@ -477,3 +477,17 @@ def test_classifier_reports_no_test_accuracy_without_a_held_out_split(tmp_path):
                                resolution=16, progress=False)
     assert metrics["test_accuracy"] is None and "no held-out test split" in metrics["note"]
     assert metrics["train_accuracy"] is not None
+
+
+def test_train_classifier_refuses_bad_flags_before_loading_data(tmp_path, capsys):
+    """Each bad value fails in a line naming its flag, before the data are read (this --data does not exist)."""
+    (tmp_path / "file").write_text("")
+    cases = [(["--steps", "0"], "--steps"), (["--batch-size", "0"], "--batch-size"), (["--width", "0"], "--width"),
+             (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"), (["--resolution", "2"], "--resolution"),
+             (["--out", str(tmp_path / "file" / "clf")], "cannot create the output folder")]
+    for extra, message in cases:
+        argv = ["eval", "train-classifier", "--data", str(tmp_path / "no_data"), "--out", str(tmp_path / "clf"),
+                *extra]  # a second --out replaces the first
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bitdance: error:") and message in err and "\n" not in err, (extra, err)

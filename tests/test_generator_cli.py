@@ -110,6 +110,16 @@ def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("scale", ["0", "-2"])
+def test_sample_refuses_a_scale_below_one_before_sampling(tmp_path, capsys, monkeypatch, scale):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --scale was checked")
+
+    monkeypatch.setattr(pl.BitDancePipeline, "from_pretrained", no_loading)
+    assert main(["sample", "--scale", scale, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bitdance: error: --scale must be at least 1") and "\n" not in err
+
 def test_device_and_output_errors_are_one_line(trained, tmp_path, capsys):
     """A device this machine lacks, or an output path that cannot be written: one line and exit 2, no traceback."""
     out, _, _ = trained
@@ -143,7 +153,7 @@ def test_train_errors(trained, tmp_path, capsys):
         ([*base, "--tokenizer", str(tmp_path / "nope"), "--data", str(data)], "tokenizer folder not found"),
         ([*base, "--tokenizer", str(tok), "--data", str(tmp_path / "nope")], "data path not found"),
         ([*base, "--tokenizer", str(data), "--data", str(data)], "holds no saved tokenizer"),
-        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "cfg_scale must be >= 1"),
+        ([*base, "--tokenizer", str(tok), "--data", str(data), "--cfg", "0.5"], "cfg_scale must be finite and >= 1"),
         ([*base, "--tokenizer", str(tok), "--data", str(data), "--sample-steps", "0"], "num_sampling_steps must be"),
         ([*base, "--tokenizer", str(tok), "--data", str(data), "--model-arg", "dimm=8"], "dimm"),
         ([*base, "--tokenizer", str(tok), "--data", str(data), "--dtype", "float16"], "needs loss scaling"),

@@ -1,7 +1,9 @@
+import errno
 import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from bitdance.utils import (
     StepBoundaryInterrupt,
     UserError,
     atomic_path,
+    copy_file_atomic,
     cosine_lr,
     ensure_output_dir,
     find_resume_checkpoint,
@@ -166,6 +169,46 @@ def test_unwritable_outputs_name_the_users_path(tmp_path):
         with atomic_path(tmp_path / "file" / "out.png"):
             pass
 
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # f.write: no filename
+                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")])
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, capsys, failure):
+    """A write that fails midway (torch.save reports it as a RuntimeError) is a UserError naming the user's path;
+    the old file stays and no temp file is left; the CLI prints it as one line."""
+    from bitdance.cli import report_errors
+
+    target = tmp_path / "ckpt.pt"
+    save_checkpoint({"step": 1}, target)
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"half")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=f"cannot write {target}"):
+        save_checkpoint({"step": 2}, target)
+    assert load_checkpoint(target)["step"] == 1 and sorted(tmp_path.iterdir()) == [target]
+    assert report_errors(lambda: save_checkpoint({"step": 2}, target)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bitdance: error: cannot write {target}") and "\n" not in err
+
+
+def test_a_scripts_failed_child_command_is_one_line(capsys):
+    """scripts/ run their main through report_errors: the child printed its reason, the script adds one line."""
+    import subprocess
+    import sys
+
+    from bitdance.cli import report_errors
+
+    command = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert report_errors(lambda: subprocess.run(command, check=True), "some_script.py") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("some_script.py: error: exit status 3 from ") and "\n" not in err
+
+def test_an_error_about_another_file_inside_an_atomic_write_keeps_its_own_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        copy_file_atomic(tmp_path / "missing.txt", tmp_path / "copy.txt")
+    assert list(tmp_path.iterdir()) == []
 
 def test_unreadable_weight_files_give_one_clear_error(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")

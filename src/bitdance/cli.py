@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
+import subprocess
 import sys
 
 from bitdance.utils import UserError
@@ -38,30 +40,46 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def report_errors(run, prog: str = "bitdance") -> int:
+    """`run()`'s exit code, with the errors a user can act on printed as one line on stderr instead of a traceback.
+
+    The CLI and the scripts in scripts/ share it (`prog` names the one that failed); anything else is a bug and
+    keeps its traceback.
+    """
+    try:
+        return int(run() or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a named file that cannot be read or written (atomic writes raise UserErrors themselves)
+        if e.filename is None:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:  # a script's child command, which printed its own reason above
+        print(f"{prog}: error: exit status {e.returncode} from {shlex.join(map(str, e.cmd))}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
+
+    def run():
         if args.threads is not None:
             set_threads(args.threads)
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"bitdance: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a file or folder that cannot be read or written (a full disk, say); others are bugs
-        if e.filename is None:
-            raise
-        print(f"bitdance: error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"bitdance: stopped: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print("bitdance: interrupted", file=sys.stderr)
-        return 130
+        return args.func(args)
+
+    return report_errors(run)
 
 
 if __name__ == "__main__":

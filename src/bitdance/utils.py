@@ -138,7 +138,7 @@ def atomic_path(path: str | os.PathLike):
     The temp file is flushed to disk before the rename, so a power loss leaves the old file or the new one, never
     an empty one. It is created with os.open(0o666) rather than mkstemp (always 0600), so the kernel applies the
     umask and the result has the permissions of a plainly created file, with no umask read-and-restore that
-    another thread could see.
+    another thread could see. A failed write (a full disk) is a UserError naming `path`.
     """
     path = Path(path)
     ensure_output_dir(path)
@@ -158,6 +158,12 @@ def atomic_path(path: str | os.PathLike):
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as e:
+        # a write error (ENOSPC from f.write has no filename) names the user's file; an error naming another
+        # file (the source of a copy) is about that file, and goes on as it is
+        if e.filename is not None and str(e.filename) != str(tmp):
+            raise
+        raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -175,7 +181,10 @@ def copy_file_atomic(source: str | os.PathLike, dest: str | os.PathLike) -> Path
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """torch.save a dict of tensors and plain Python values atomically (loadable with weights_only=True)."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
+            raise UserError(f"cannot write {path}: {first_line(e)}") from None
 
 
 class _Placeholder:

@@ -130,6 +130,8 @@ def run_sample(args) -> int:
         raise UserError(f"--cfg: the cfg scale must be >= 1 (1 turns guidance off), got {args.cfg}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.scale is not None and args.scale < 1:  # 0 used to mean the default, < 0 a PIL traceback after sampling
+        raise UserError(f"--scale must be at least 1 (leave it out for ~64 px tiles), got {args.scale}")
     check_temperature(args.temperature)  # before the progress bars start
     ensure_output_dir(out)  # before sampling, not after
     device = resolve_device(args.device)
@@ -155,7 +157,7 @@ def run_sample(args) -> int:
 
         save_npz(out, to_uint8(images).numpy(), labels, rgb=args.rgb)
     else:
-        scale = args.scale or max(1, 64 // images.shape[-1])
+        scale = args.scale if args.scale is not None else max(1, 64 // images.shape[-1])
         save_image_grid(images, out, nrow=args.num_images, row_labels=[pipe.class_names[c] for c in classes],
                         scale=scale)
     print(out)
