@@ -102,6 +102,8 @@ def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
         (["sample", "--model", str(out), "--num-images", "0", "--out", str(tmp_path / "x.png")], "--num-images"),
         (["sample", "--model", str(out), "--cfg", "0.5", "--out", str(tmp_path / "x.png")], "cfg scale"),
         (["sample", "--model", str(out), "--temperature", "-1", "--out", str(tmp_path / "x.png")], "temperature"),
+        (["sample", "--model", str(out), "--rgb", "--out", str(tmp_path / "x.png")], "--rgb has no effect"),
+        (["sample", "--model", str(out), "--scale", "2", "--out", str(tmp_path / "x.npz")], "--scale has no effect"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -119,6 +121,7 @@ def test_sample_refuses_a_scale_below_one_before_sampling(tmp_path, capsys, monk
     assert main(["sample", "--scale", scale, "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("bitdance: error: --scale must be at least 1") and "\n" not in err
+
 
 def test_device_and_output_errors_are_one_line(trained, tmp_path, capsys):
     """A device this machine lacks, or an output path that cannot be written: one line and exit 2, no traceback."""

@@ -11,6 +11,7 @@ from bitdance.models.autoencoder import ImageTokenizer, TokenizerConfig
 from bitdance.models.quantizer import indices_to_bits
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.pipeline import BitDancePipeline, ImageOutput, decode_codes
+from bitdance.sampling import generate
 from bitdance.utils import UserError, to_uint8
 
 NAMES = ["circle", "square", "ring"]
@@ -72,6 +73,12 @@ def test_output_types(pipe):
     assert isinstance(pipe([0], progress=False), ImageOutput)
     with pytest.raises(UserError, match="output_type"):
         pipe([0], output_type="jpeg")
+    # the sampled token codes themselves, not decoded: the same draws as the images above
+    codes = pipe([0, 2], generator=gen(), output_type="codes", progress=False).images
+    k, (h, w) = pipe.tokenizer.config.z_channels, pipe.tokenizer.config.token_grid()
+    assert codes.shape == (2, k, h, w) and codes.dtype == torch.float32 and set(codes.unique().tolist()) == {-1, 1}
+    assert torch.equal(codes, generate(pipe.model, torch.tensor([0, 2]), generator=gen(), progress=False))
+    assert not codes.is_inference()  # usable outside inference mode, like the images
 
 
 def test_defaults_come_from_the_generator_config(pipe):

@@ -31,7 +31,7 @@ from bitdance.sampling import generate
 from bitdance.utils import UserError, autocast, files_fingerprint, read_json, resolve_dtype, to_uint8, write_json
 
 MODEL_INDEX = "model_index.json"
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "codes")
 
 
 @dataclass
@@ -208,7 +208,8 @@ class BitDancePipeline:
         noise, 1 = official; None: the model's).
 
         output_type: "pil" -> a list of PIL images ('L' or 'RGB'); "np" -> uint8 (n, H, W, c) in 0..255; "pt" ->
-        float32 (n, c, H, W) in [-1, 1], the tokenizer's range (not diffusers' [0, 1]: use (x + 1) / 2)."""
+        float32 (n, c, H, W) in [-1, 1], the tokenizer's range (not diffusers' [0, 1]: use (x + 1) / 2); "codes" ->
+        the sampled token codes, float32 (n, k, h, w) of ±1, not decoded."""
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         ids = list(range(self.num_classes)) if class_labels is None else self.class_ids(class_labels)
@@ -225,7 +226,11 @@ class BitDancePipeline:
             codes = generate(self.model, labels, num_steps=num_inference_steps, cfg_scale=guidance_scale,
                              cfg_schedule=cfg_schedule, generator=generator, use_cache=use_cache,
                              progress=progress, temperature=temperature)  # (b, k, h, w)
-            images = decode_codes(self.tokenizer, codes, generator=generator)  # (b, c, H, W)
+            if output_type != "codes":
+                images = decode_codes(self.tokenizer, codes, generator=generator)  # (b, c, H, W)
+        if output_type == "codes":
+            out = codes.float().cpu().clone()  # a normal tensor again, as the images below
+            return ImageOutput(images=out) if return_dict else (out,)
         images = images.float().clamp(-1, 1).cpu().clone()  # a normal tensor again (usable with autograd)
         if output_type == "pt":
             out = images

@@ -122,6 +122,9 @@ def run_sample(args) -> int:
     kind = out.suffix.lower()
     if kind not in (".png", ".npz"):
         raise UserError(f"--out must end in .png (grid) or .npz (sample set), got {out.name}")
+    for flag, given, applies_to in (("--rgb", args.rgb, ".npz"), ("--scale", args.scale is not None, ".png")):
+        if given and kind != applies_to:
+            raise UserError(f"{flag} has no effect with a {kind} --out (only with {applies_to})")
     if args.num_images < 1:
         raise UserError("--num-images must be at least 1")
     if args.batch_size < 1:
