@@ -39,20 +39,18 @@ GEN=$OUT/generator
 # The stages share one run folder and `bitdance train` refuses a --steps below its checkpoint's step, so on a
 # rerun (or after a crash in a later stage) a stage the checkpoint has passed is skipped. One it has just reached
 # still runs if it has not exported the model since: it then trains nothing and exports.
-checkpoint_step() {  # 0 without a readable checkpoint (an unreadable one is then reported by `bitdance train`)
+checkpoint_step() {  # 0 without a checkpoint; an unreadable one stops the script here, with Python's reason
+  if [ ! -f "$GEN/checkpoint.pt" ]; then echo 0; return; fi
   $PYTHON -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=True, mmap=True)['step'])" \
-    "$GEN/checkpoint.pt" 2>/dev/null || echo 0
+    "$GEN/checkpoint.pt"
 }
-stage_done() {  # stage_done STEPS: the checkpoint is past STEPS, or at it with the model exported since
-  local at
-  at=$(checkpoint_step)
-  [ "$at" -gt "$1" ] || { [ "$at" -eq "$1" ] && [ "$GEN/model/model_index.json" -nt "$GEN/checkpoint.pt" ]; }
-}
-train_stage() {  # train_stage STEPS FLAGS...
-  local target=$1
+train_stage() {  # train_stage STEPS FLAGS...: skipped when the checkpoint is past STEPS, or at it and exported since
+  local target=$1 at
   shift
-  if stage_done "$target"; then
-    echo "generator: the checkpoint is at step $(checkpoint_step), skipping the stage to step $target"
+  at=$(checkpoint_step)  # not inside an `if`, where set -e would not stop the script on a failure
+  if [ "$at" -gt "$target" ] ||
+     { [ "$at" -eq "$target" ] && [ "$GEN/model/model_index.json" -nt "$GEN/checkpoint.pt" ]; }; then
+    echo "generator: the checkpoint is at step $at, skipping the stage to step $target"
     return
   fi
   $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \

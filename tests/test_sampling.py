@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,7 +155,7 @@ def test_model_defaults_and_user_errors():
         generate(model, torch.tensor([0]), cfg_scale=float("inf"), progress=False)  # not silently all -1 bits
     with pytest.raises(UserError, match="cfg_scale"):
         make(cfg_scale=float("inf"))  # nor saved as a model's default
-    for steps in (2.7, True):  # not silently 2 (or 1) head steps
+    for steps in (2.7, True, float("nan"), float("inf")):  # not silently 2 (or 1) head steps, nor a bare error
         with pytest.raises(UserError, match="whole number"):
             generate(model, torch.tensor([0]), num_steps=steps, progress=False)
     assert torch.equal(generate(model, [0], num_steps=2.0, generator=gen(0), progress=False),
@@ -162,6 +163,9 @@ def test_model_defaults_and_user_errors():
     for labels in (torch.tensor([1.9]), [0.5], torch.tensor([True]), torch.tensor([[0, 1]])):
         with pytest.raises(UserError, match="integers, one per image"):  # 1.9 is not class 1
             generate(model, labels, progress=False)
+    with pytest.raises(UserError, match="no class labels"):
+        generate(model, [], progress=False)
+    assert generate(model, np.array([2], dtype=np.int32), generator=gen(0), progress=False).shape == (1, 8, 4, 4)
     with pytest.raises(UserError):
         generate(model, torch.tensor([0]), cfg_schedule="cosine", progress=False)
     with pytest.raises(UserError, match="class dropout"):  # its null class was never trained

@@ -193,6 +193,32 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path,
     assert err.startswith(f"bitdance: error: cannot write {target}") and "\n" not in err
 
 
+def test_a_full_disk_under_safetensors_is_one_line_too(tmp_path, monkeypatch):
+    """Model exports and token caches write through safetensors, whose I/O failure is not an OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from bitdance.data import write_token_cache
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(UserError, match="cannot write .*model.safetensors: Error while serializing: I/O error"):
+        write_token_cache(tmp_path / "model.safetensors", torch.zeros(1), torch.zeros(1), "key", "source")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unrelated_runtime_error_inside_a_write_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    def broken(obj, path):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        save_checkpoint({"step": 1}, tmp_path / "c.pt")
+
+
 def test_a_scripts_failed_child_command_is_one_line(capsys):
     """scripts/ run their main through report_errors: the child printed its reason, the script adds one line."""
     import subprocess

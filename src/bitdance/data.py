@@ -342,8 +342,10 @@ def load_folder(folder: Path, resolution: int, channels: int | None = None,
     from tqdm import tqdm
 
     good, grey, skipped = [], True, 0
-    # a large folder takes a while (about 70 us per file here): show it, small ones stay quiet
-    for f, y in tqdm(entries, desc=f"checking {folder.name}", unit="img", disable=len(entries) < 20000):
+    # a large folder takes a while (about 70 us per file here): show it, on one rank of a torchrun job; small
+    # folders stay quiet
+    quiet = len(entries) < 20000 or int(os.environ.get("RANK", "0")) != 0
+    for f, y in tqdm(entries, desc=f"checking {folder.name}", unit="img", disable=quiet):
         mode, error = _check_image(f)
         if error is not None:
             skipped += 1

@@ -29,7 +29,8 @@ def sampling_settings(config, num_steps: int | None = None, cfg_scale: float | N
                       cfg_schedule: str | None = None) -> tuple[int, float, str]:
     """(head steps, cfg scale, cfg schedule) for a model of `config` (BitDanceConfig): None takes the model's
     default; a value no sampler accepts is a UserError, so callers can check before any long work."""
-    if num_steps is not None and (isinstance(num_steps, bool) or num_steps != int(num_steps)):
+    if num_steps is not None and (isinstance(num_steps, bool) or not math.isfinite(num_steps)
+                                  or num_steps != int(num_steps)):
         raise UserError(f"the number of head sampling steps must be a whole number, got {num_steps!r}")
     num_steps = config.num_sampling_steps if num_steps is None else int(num_steps)
     cfg_scale = config.cfg_scale if cfg_scale is None else float(cfg_scale)
@@ -69,13 +70,13 @@ def generate(
 
     device = model.norm.weight.device
     labels = torch.as_tensor(class_labels)
+    if labels.numel() == 0:  # before the dtype: an empty list becomes a float tensor
+        raise UserError("no class labels given")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim > 1:
         # a cast would make 1.9 class 1 and flatten a (b, 2) batch without a word
         raise UserError(f"class labels must be integers, one per image; got {labels.dtype} of shape "
                         f"{tuple(labels.shape)}")
     labels = labels.to(device=device, dtype=torch.long).reshape(-1)  # (b,)
-    if labels.numel() == 0:
-        raise UserError("no class labels given")
     if int(labels.min()) < 0 or int(labels.max()) >= c.num_classes:
         raise UserError(f"class labels must be in 0..{c.num_classes - 1}, got {labels.tolist()}")
 

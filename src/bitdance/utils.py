@@ -158,15 +158,25 @@ def atomic_path(path: str | os.PathLike):
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except OSError as e:
-        # a write error (ENOSPC from f.write has no filename) names the user's file; an error naming another
-        # file (the source of a copy) is about that file, and goes on as it is
-        if e.filename is not None and str(e.filename) != str(tmp):
+    except Exception as e:
+        if not _is_write_failure(e, tmp):
             raise
-        raise UserError(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"cannot write {path}: {reason}") from None  # the user's file, not our temp name
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _is_write_failure(e: Exception, tmp: Path) -> bool:
+    """Whether `e` says that writing `tmp` failed (a full disk, a quota), as each writer reports it: an OSError
+    about that file (f.write's ENOSPC has no file name), torch.save's zip writer ("inline_container"),
+    safetensors' "I/O error". An error naming another file (the source of a copy) is about that file."""
+    if isinstance(e, OSError):
+        return e.filename is None or str(e.filename) == str(tmp)
+    text = str(e)
+    return (isinstance(e, RuntimeError) and "inline_container" in text) or (
+        type(e).__name__ == "SafetensorError" and "I/O error" in text)
 
 
 def copy_file_atomic(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
@@ -181,10 +191,7 @@ def copy_file_atomic(source: str | os.PathLike, dest: str | os.PathLike) -> Path
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """torch.save a dict of tensors and plain Python values atomically (loadable with weights_only=True)."""
     with atomic_path(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as a RuntimeError
-            raise UserError(f"cannot write {path}: {first_line(e)}") from None
+        torch.save(state, tmp)
 
 
 class _Placeholder:

@@ -76,9 +76,10 @@ class Classifier(nn.Module, PretrainedMixin):
     def prepare(self, images) -> torch.Tensor:
         """uint8 (n, H, W, c) or float (n, c, H, W) in [-1, 1] -> float (n, c', R, R) the network expects.
 
-        Images of another size or channel count are fitted as the training data were when they were loaded
+        Images of another size or channel count are fitted as a data folder's images are when loaded
         (`data.fit_uint8`: smaller ones padded with their border colour, larger ones resized and centre-cropped;
-        colour to luma), so 28x28 samples are padded like 28x28 Fashion-MNIST, not stretched."""
+        colour to luma), not stretched. IDX data are padded with black, which is their border colour, so 28x28
+        Fashion-MNIST-like samples are padded as the training images were."""
         x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         c, r = self.config.in_channels, self.config.resolution
         if x.dtype == torch.uint8:

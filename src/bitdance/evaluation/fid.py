@@ -216,12 +216,21 @@ class _FeatureTap(nn.Module):
         self.seen += n
 
 
+def fid_device(device) -> torch.device:
+    """The device the FID features and statistics are computed on: the one given (default CPU), except MPS, which
+    lacks the float64 that torchmetrics keeps the FID sums in: there the CPU does it (samples can still be drawn
+    on MPS)."""
+    device = torch.device(device or "cpu")
+    if device.type == "mps":
+        log.warning("FID statistics need float64, which MPS does not have: computing them on the CPU")
+        return torch.device("cpu")
+    return device
+
+
 def _make_metric(extractor: nn.Module, sample: torch.Tensor, keep: int, device: torch.device,
                  reservoir_seed: int | None = None):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    if device.type == "mps":  # torchmetrics keeps the FID sums in float64, which MPS does not have
-        raise UserError("FID cannot run on MPS (its statistics need float64); use --device cpu")
     num_features = getattr(extractor, "num_features", None)
     if num_features is None:
         with torch.no_grad():
@@ -301,7 +310,7 @@ def compute_reference_stats(dataset, extractor: nn.Module, batch_size: int = 50,
     Images are visited in a seeded random order so that `max_images` and the precision/recall subset
     are unbiased even for class-sorted folders.
     """
-    device = torch.device(device or "cpu")
+    device = fid_device(device)
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if max_images is not None:
@@ -425,7 +434,7 @@ def fid_from_images(real_stats: ReferenceStats, fake_images: Iterable, extractor
 
     `fake_images` yields uint8 batches (b, H, W, c) (npz layout). Features are computed once and shared.
     """
-    device = torch.device(device or "cpu")
+    device = fid_device(device)
     metric = tap = None
     for batch in tqdm(fake_images, desc="sample features", total=total, disable=not progress):
         imgs = to_uint8_nchw(batch)  # (b, c, H, W)
@@ -478,7 +487,7 @@ def evaluate_samples(samples, labels, data_path, split: str = "test", extractor:
         raise UserError(f"FID needs at least 2 samples, got {n}")
     if extractor is None:
         extractor = InceptionFeatures(inception)
-    device = torch.device(device or "cpu")
+    device = fid_device(device)
     extractor = extractor.to(device)
     stats, cache_file, cached = cached_reference_stats(
         data_path, extractor, resolution=h, channels=c, split=split, max_images=max_reference,
