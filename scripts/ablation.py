@@ -202,11 +202,9 @@ def plot(rows: list[dict], path: Path, speed: dict | None = None) -> None:
     ax_acc.set(ylabel="class consistency (%)", ylim=(50, 100), title="class conditioning")
     ax_acc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    from bitdance.utils import atomic_path
+    from bitdance.utils import save_figure
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def load_speed(paths: list[str]) -> dict:

@@ -27,7 +27,7 @@ import torch
 from bitdance.models.autoencoder import TOKENIZER_PRESETS, ImageTokenizer
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
 from bitdance.sampling import generate
-from bitdance.utils import UserError, atomic_path, write_json
+from bitdance.utils import UserError, save_figure, write_json
 
 
 def build(parallel: int, head: str = "diffusion", seed: int = 0, device="cpu") -> BitDance:
@@ -282,9 +282,7 @@ def plot(res: dict, path: Path) -> None:
     where = f"CPU ({res['threads']} thread(s))" if res.get("device", "cpu") == "cpu" else res["device_name"]
     fig.suptitle(f"BitDance fmnist sampling ({res.get('head', 'diffusion')} head), {where}, CFG on")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -86,12 +86,9 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    from bitdance.utils import atomic_path
+    from bitdance.utils import save_figure
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

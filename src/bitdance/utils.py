@@ -768,9 +768,15 @@ def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | os.PathL
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure atomically (format from the suffix, PNG without one) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    with atomic_path(path) as tmp:  # the temp name has no suffix for matplotlib to read the format from
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     plt.close(fig)
     return path

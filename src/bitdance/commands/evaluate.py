@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from bitdance.commands.options import DEVICE_HELP, DTYPES, TEMPERATURE_HELP
 from bitdance.utils import UserError, ensure_output_dir, write_json
@@ -177,18 +176,8 @@ def run_fid(args) -> int:
 
 def run_train_classifier(args) -> int:
     from bitdance.evaluation.classifier import train_classifier
-    from bitdance.utils import CONFIG_NAME, resolve_device
+    from bitdance.utils import resolve_device
 
-    # checked before the data are loaded: a bad value would fail only once training runs, or (--width 0) quietly
-    # mean the preset's
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--width", args.width)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
-    if not 0 < args.lr < float("inf"):  # NaN fails this too
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
-    if args.resolution is not None and args.resolution < 4:  # the network halves it twice
-        raise UserError(f"--resolution must be at least 4, got {args.resolution}")
-    ensure_output_dir(Path(args.out) / CONFIG_NAME)  # an unwritable --out fails now, not after training
     metrics = train_classifier(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                preset=args.preset, resolution=args.resolution, channels=args.channels,
                                width=args.width, seed=args.seed, device=resolve_device(args.device))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from bitdance.data import convert_channels, fit_uint8, to_float
 from bitdance.evaluation.fid import signed_to_uint8
-from bitdance.utils import PretrainedMixin, UserError, cosine_lr, write_json
+from bitdance.utils import CONFIG_NAME, PretrainedMixin, UserError, cosine_lr, ensure_output_dir, write_json
 
 
 @dataclass
@@ -171,8 +171,16 @@ def train_classifier(data_path: str | os.PathLike, out_dir: str | os.PathLike, s
     """
     from bitdance.evaluation.fid import open_dataset
 
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
+    # checked before the data are loaded: a bad value would fail only once training runs, or (width 0) quietly
+    # mean the preset's
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--width", width)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if not 0 < lr < float("inf"):  # NaN fails this too
+        raise UserError(f"--lr must be a positive number, got {lr}")
+    if resolution is not None and resolution < 4:  # the network halves it twice
+        raise UserError(f"--resolution must be at least 4, got {resolution}")
+    ensure_output_dir(Path(out_dir) / CONFIG_NAME)  # an unwritable out_dir fails now, not after training
     if preset not in CLASSIFIER_PRESETS:
         raise UserError(f"unknown classifier preset {preset!r}; choose from {', '.join(CLASSIFIER_PRESETS)}")
     base = CLASSIFIER_PRESETS[preset]()
