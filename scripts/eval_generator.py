@@ -29,6 +29,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from bitdance.commands.options import add_guidance_flags
     from bitdance.models.transformer import CFG_SCHEDULES
 
     p.add_argument("--data", default=FASHION_MNIST, help="reference data (FID) and real test split (classifier)")
@@ -42,6 +43,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="guidance over the AR steps (default: the model's)")
     p.add_argument("--temperature", type=float, default=None,
                    help="head sampling temperature (default: the model's; diffusion head: sampler noise scale)")
+    add_guidance_flags(p)
     p.add_argument("--device", default=None, help="cpu, cuda (default: best available)")
     p.add_argument("--inception", default=None, help="TorchScript FID-Inception (default: the wheel's)")
     p.add_argument("--stats-cache", default="runs/fid_stats", help="cached reference statistics")
@@ -77,7 +79,9 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
 
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    pipe = BitDancePipeline.from_pretrained(model, device=device)  # loaded once: the timing is sampling alone
+    # loaded once: the timing is sampling alone
+    pipe = BitDancePipeline.from_pretrained(model, device=device, guide_model=args.guide_model)
+    guidance = pipe.guide_kind(args.guidance)
     common = ["--device", str(device), "--json"]
     done_path = out / "results.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else []
@@ -87,6 +91,8 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
     common_key = {"model": model, "model_files": model_fingerprint(model), "steps": args.steps,
                   "cfg_schedule": args.cfg_schedule, "num_samples": args.num_samples, "seed": args.seed,
                   **({} if args.temperature is None else {"temperature": args.temperature}),  # old rows stay valid
+                  **({} if guidance == "cfg" else {"guidance": guidance, "guide_model": args.guide_model,
+                                                    "guide_files": guide_fingerprint(args.guide_model)}),
                   "batch_size": args.batch_size, "data": args.data, "classifier": args.classifier,
                   "inception": args.inception, "device": device.type,
                   "evaluator_files": evaluator_fingerprint(args)}
@@ -101,9 +107,10 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         tag = (f"cfg{'default' if cfg is None else f'{cfg:g}'}_steps{args.steps or 'default'}_"
                f"{args.cfg_schedule or 'default'}_{temperature_tag(args.temperature)}"
+               f"{'' if guidance == 'cfg' else 'guide_'}"
                f"seed{args.seed}_n{args.num_samples}_{digest}")
         sample_kw = dict(num_inference_steps=args.steps, guidance_scale=cfg, cfg_schedule=args.cfg_schedule,
-                         temperature=args.temperature, device=device)
+                         temperature=args.temperature, guidance=guidance, device=device)
         generate_samples(pipe, min(args.batch_size, 10), seed=args.seed + 1, progress=False, **sample_kw)  # warm-up
         start = time.perf_counter()  # the pipeline returns host arrays, so the GPU has finished when it returns
         images, labels, settings = generate_samples(pipe, args.num_samples, batch_size=args.batch_size,
@@ -120,7 +127,8 @@ def evaluate(model: str, out: Path, args, name: str | None = None) -> list[dict]
         cls = _run_json(bitdance_cmd() + ["eval", "classify", "--samples", str(npz), "--classifier", args.classifier,
                                           "--data", args.data] + common)
         rows.append({"name": name or model, "model": model, "cfg": cfg, "steps": args.steps,
-                     "cfg_schedule": args.cfg_schedule, "temperature": args.temperature,
+                     "cfg_schedule": args.cfg_schedule, "temperature": args.temperature, "guidance": guidance,
+                     "guide_model": args.guide_model,
                      "num_samples": args.num_samples, "fid": fid["fid"], "precision": fid["precision"],
                      "recall": fid["recall"], "num_reference": fid["num_reference"],
                      "class_consistency": cls["class_consistency"], "classifier_real_accuracy": cls["real_accuracy"],
@@ -147,6 +155,17 @@ def evaluator_fingerprint(args) -> str:
                      files_fingerprint([inception] if inception else [], "/")))
 
 
+def guide_fingerprint(guide_model: str | None) -> str | None:
+    """A cheap key for an attached guide's files (a saved guide is part of the model's fingerprint)."""
+    from bitdance.pipeline import resolve_generator_path
+    from bitdance.utils import files_fingerprint
+
+    if guide_model is None:
+        return None
+    folder = resolve_generator_path(guide_model)
+    return files_fingerprint(sorted(f for f in folder.glob("*") if f.is_file()), folder)
+
+
 def temperature_tag(temperature: float | None) -> str:
     """'' for the model's own temperature (file names as before the option existed), else 'tempT_'."""
     return "" if temperature is None else f"temp{temperature:g}_"
@@ -163,7 +182,8 @@ def format_rows(rows: list[dict]) -> str:
         return "model's" if value is None else f"{value:g}"
 
     for r in rows:
-        lines.append(f"| {r['name']} | {setting(r['cfg'])} | {setting(r.get('steps'))} | "
+        guide = " (guide)" if r.get("guidance") == "guide" else ""  # autoguidance: the scale is the guide's
+        lines.append(f"| {r['name']} | {setting(r['cfg'])}{guide} | {setting(r.get('steps'))} | "
                      f"{setting(r.get('temperature'))} | {r['num_samples']} | {r['fid']:.2f} | "
                      f"{fraction(r['precision'])} | {fraction(r['recall'])} | {100 * r['class_consistency']:.1f}% | "
                      f"{r['images_per_s']:.1f} | {r['device_name']} (batch {r['batch_size']}) |")

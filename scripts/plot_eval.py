@@ -5,12 +5,16 @@ Reads the rows that `scripts/eval_generator.py` writes (one or more results.json
 guidance setting against the head (flow) steps; repeated settings (other seeds) show as separate points, so the
 seed spread is visible. Rows whose images/s was not measured cleanly (null) are left out of that panel only.
 `--x temperature` draws FID, class consistency and precision / recall against the sampling temperature instead
-(rows without one count as 1, the default of every model we train).
+(rows without one count as 1, the default of every model we train); `--x cfg` against the guidance scale, one
+line per row name (CFG and autoguidance with each guide model as separate lines; rows at the model's default
+scale are left out).
 
     python scripts/plot_eval.py docs/data/builtin_v4_eval.json --title "built-in model, CPU" \
         --out docs/images/builtin_tradeoff.png
     python scripts/plot_eval.py docs/data/builtin_temperature_screen.json --x temperature \
         --out docs/images/builtin_temperature.png
+    python scripts/plot_eval.py docs/data/builtin_autoguidance_screen.json --x cfg \
+        --out docs/images/builtin_autoguidance.png
 """
 
 from __future__ import annotations
@@ -31,14 +35,21 @@ def temperature_of(row: dict) -> float:
     return 1.0 if row.get("temperature") is None else row["temperature"]
 
 
-AXES = {"steps": (steps_of, "head (flow) steps per AR step"), "temperature": (temperature_of, "sampling temperature")}
+def cfg_of(row: dict) -> float | None:
+    return row.get("cfg")  # None: the model's default, whatever it was
+
+
+AXES = {"steps": (steps_of, "head (flow) steps per AR step"), "temperature": (temperature_of, "sampling temperature"),
+        "cfg": (cfg_of, "guidance scale (1 = none)")}
 
 
 def series_name(row: dict, x: str = "steps") -> str:
     """The row's settings other than the x axis's, so that rows of other settings never share a line."""
     cfg = "model's" if row.get("cfg") is None else f"{row['cfg']:g}"
     schedule = row.get("cfg_schedule")
-    name = f"cfg {cfg}" + (f" ({schedule})" if schedule else "")
+    # on the guidance axis the kind of guidance (the row's name says which guide) makes the line
+    name = row["name"] if x == "cfg" else f"cfg {cfg}"
+    name += f" ({schedule})" if schedule else ""
     if x != "temperature" and row.get("temperature") is not None:
         name += f", temperature {row['temperature']:g}"
     if x != "steps" and steps_of(row):
@@ -83,7 +94,7 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     axes[2].set_ylim(bottom=0)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     from bitdance.utils import save_figure

@@ -389,9 +389,10 @@ def test_cli_eval_fid_end_to_end(idx_folder, tmp_path, capsys):
                                  ("--num-reference", "-5", "--num-reference must be at least 2")):
         assert main([*argv, flag, value]) == 2 and message in capsys.readouterr().err
     # sampling flags mean nothing for a finished sample set: refused, not silently ignored
-    assert main([*argv, "--temperature", "0.9", "--seed", "0", "--save-samples", str(tmp_path / "x.npz")]) == 2
+    assert main([*argv, "--temperature", "0.9", "--seed", "0", "--guidance", "cfg", "--save-samples",
+                 str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
-    assert "--seed, --temperature, --save-samples only apply when sampling from --model" in err
+    assert "--seed, --temperature, --guidance, --save-samples only apply when sampling from --model" in err
     assert not (tmp_path / "x.npz").exists()
 
 def test_num_samples_takes_an_even_stride_through_a_label_ordered_file(tmp_path, monkeypatch):

@@ -73,6 +73,27 @@ def test_sample_npz_is_reproducible_and_in_label_order(trained, tmp_path):
         assert np.array_equal(load_npz(tmp_path / "t.npz")[0], images) == same
 
 
+def test_sample_with_a_guide_model(trained, tmp_path):
+    out, _, _ = trained
+    args = ["sample", "--model", str(out), "--num-images", "2", "--no-progress"]
+    assert main([*args, "--cfg", "1", "--out", str(tmp_path / "plain.npz")]) == 0
+    # the model guiding itself (the run folder as --guide-model) is no guidance at all, end to end
+    assert main([*args, "--guide-model", str(out), "--cfg", "3", "--out", str(tmp_path / "self.npz")]) == 0
+    assert np.array_equal(load_npz(tmp_path / "self.npz")[0], load_npz(tmp_path / "plain.npz")[0])
+    # a weaker guide (another generator of the same tokens) moves the samples; --guidance cfg ignores it
+    guide = pl.BitDancePipeline.from_pretrained(out).model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    guide.save_pretrained(tmp_path / "guide")
+    assert main([*args, "--guide-model", str(tmp_path / "guide"), "--cfg", "3", "--out", str(tmp_path / "g.npz")]) == 0
+    assert not np.array_equal(load_npz(tmp_path / "g.npz")[0], load_npz(tmp_path / "plain.npz")[0])
+    assert main([*args, "--guide-model", str(tmp_path / "guide"), "--guidance", "cfg", "--cfg", "1",
+                 "--out", str(tmp_path / "c.npz")]) == 0
+    assert np.array_equal(load_npz(tmp_path / "c.npz")[0], load_npz(tmp_path / "plain.npz")[0])
+
+
 def test_threads_flag(trained, tmp_path, capsys):
     import torch
 
@@ -104,6 +125,9 @@ def test_sample_errors(trained, tmp_path, capsys, monkeypatch):
         (["sample", "--model", str(out), "--temperature", "-1", "--out", str(tmp_path / "x.png")], "temperature"),
         (["sample", "--model", str(out), "--rgb", "--out", str(tmp_path / "x.png")], "--rgb has no effect"),
         (["sample", "--model", str(out), "--scale", "2", "--out", str(tmp_path / "x.npz")], "--scale has no effect"),
+        (["sample", "--model", str(out), "--guidance", "guide", "--out", str(tmp_path / "x.png")], "needs a guide"),
+        (["sample", "--model", str(out), "--guide-model", str(tmp_path), "--out", str(tmp_path / "x.png")],
+         "no generator found"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

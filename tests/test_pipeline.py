@@ -193,3 +193,56 @@ def test_generate_samples_takes_the_autocast_dtype(pipe):
         assert images.shape[0] == 3 and images.dtype == np.uint8 and labels.tolist() == [0, 1, 2]
     finally:
         pipe.to(dtype="float32")  # the fixture is shared
+
+
+def make_guide(seed=1):
+    torch.manual_seed(seed)
+    guide = BitDance(BITDANCE_PRESETS["tiny"](parallel=4, num_classes=3, dim=32, n_layers=1))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in guide.head.parameters():
+            if p.abs().max() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return guide
+
+
+def test_guide_model_saves_loads_and_is_the_default_guidance(tmp_path):
+    guided = make_pipeline().set_guide(make_guide(), scale=2.5, schedule="constant")
+    a = guided([0, 1, 2], generator=gen(1), output_type="codes", progress=False).images
+    # the default is autoguidance at the guide's own scale and schedule, equal to asking for them
+    same = guided([0, 1, 2], generator=gen(1), output_type="codes", progress=False, guidance="guide",
+                  guidance_scale=2.5, cfg_schedule="constant").images
+    cfg = guided([0, 1, 2], generator=gen(1), output_type="codes", progress=False, guidance="cfg").images
+    plain = make_pipeline()([0, 1, 2], generator=gen(1), output_type="codes", progress=False).images
+    assert torch.equal(a, same) and torch.equal(cfg, plain) and not torch.equal(a, cfg)
+
+    guided.save_pretrained(tmp_path / "p")
+    index = pl.read_json(tmp_path / "p" / "model_index.json")
+    assert (index["guide"], index["guide_scale"], index["guide_schedule"]) == (["bitdance", "BitDance"], 2.5,
+                                                                               "constant")
+    loaded = BitDancePipeline.from_pretrained(tmp_path / "p")
+    assert torch.equal(loaded([0, 1, 2], generator=gen(1), output_type="codes", progress=False).images, a)
+    # a guide attached on load (a generator, pipeline or run folder) replaces the saved one at the saved scale...
+    swapped = BitDancePipeline.from_pretrained(tmp_path / "p", guide_model=tmp_path / "p" / "generator")
+    assert (swapped.guide_scale, swapped.guide_schedule) == (2.5, "constant")
+    assert torch.equal(swapped.guide_model.head.net.input_proj.weight, loaded.model.head.net.input_proj.weight)
+    # ...and without a saved guide, at the generator's cfg defaults
+    make_pipeline().save_pretrained(tmp_path / "plain")
+    attached = BitDancePipeline.from_pretrained(tmp_path / "plain", guide_model=tmp_path / "p")
+    assert (attached.guide_scale, attached.guide_schedule) == (2.0, attached.model.config.cfg_schedule)
+    assert torch.equal(attached.guide_model.head.net.input_proj.weight, loaded.model.head.net.input_proj.weight)
+
+
+def test_guide_errors(tmp_path, pipe):
+    with pytest.raises(UserError, match="needs a guide model"):
+        pipe([0], guidance="guide", progress=False)
+    with pytest.raises(UserError, match="guidance must be one of"):
+        pipe([0], guidance="auto", progress=False)
+    with pytest.raises(UserError, match="guide model does not match the model: parallel"):
+        make_pipeline().set_guide(BitDance(BITDANCE_PRESETS["tiny"](parallel=1, num_classes=3)))
+    with pytest.raises(UserError, match="cfg scale must be finite"):
+        make_pipeline().set_guide(make_guide(), scale=0.5)
+    pipe.save_pretrained(tmp_path / "p")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no generator found"):
+        BitDancePipeline.from_pretrained(tmp_path / "p", guide_model=tmp_path / "empty")

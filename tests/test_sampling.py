@@ -201,3 +201,56 @@ def test_linear_guidance_over_one_ar_step_warns_that_it_does_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the constant schedule guides: no warning
         generate(model, [0, 1], cfg_schedule="constant", generator=gen(0), progress=False)
+
+
+# -- autoguidance: a weaker generator of the same tokens guides instead of the null class --------------
+
+
+@pytest.mark.parametrize("head", ["diffusion", "bitwise"])
+def test_a_model_guiding_itself_samples_as_unguided(head):
+    # v_guide + w (v - v_guide) with v_guide == v is v exactly, and the guided path draws the same noise
+    model = make(parallel=4, head=head)
+    labels = torch.tensor([0, 2, 4])
+    unguided = generate(model, labels, cfg_scale=1.0, generator=gen(3), progress=False)
+    self_guided = generate(model, labels, cfg_scale=3.0, cfg_schedule="constant", generator=gen(3), progress=False,
+                           guide_model=model)
+    assert torch.equal(unguided, self_guided)
+
+
+@pytest.mark.parametrize("head", ["diffusion", "bitwise"])
+def test_guide_model_changes_samples_and_cached_equals_cache_free(head):
+    model, guide = make(parallel=4, head=head), make(parallel=4, seed=1, head=head, dim=32, n_layers=1)
+    labels = torch.tensor([1, 3])
+    kw = dict(cfg_scale=2.5, cfg_schedule="linear", progress=False, guide_model=guide)
+    a = generate(model, labels, generator=gen(4), **kw)
+    b = generate(model, labels, generator=gen(4), use_cache=False, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, generate(model, labels, cfg_scale=1.0, generator=gen(4), progress=False))
+    assert not torch.equal(a, generate(model, labels, cfg_scale=2.5, generator=gen(4), progress=False))  # not CFG
+    assert all(layer.attention.k_cache is None for net in (model, guide) for layer in net.layers)
+
+
+def test_guide_model_runs_beside_the_model_not_on_the_null_class(monkeypatch):
+    model, guide = make(parallel=4), make(parallel=4, seed=1)
+    spy = Spy(model, monkeypatch)
+    prefilled = []
+    monkeypatch.setattr(guide, "prefill", lambda ids: prefilled.append(ids) or T.BitDance.prefill(guide, ids))
+    labels = torch.tensor([0, 1, 2])
+    generate(model, labels, cfg_scale=2.0, cfg_schedule="linear", generator=gen(0), progress=False, guide_model=guide)
+    assert torch.equal(prefilled[0], labels)  # the guide sees the class, not the null class
+    assert [rows for rows, _, _ in spy.calls] == [3] * model.config.num_steps  # no doubled batch
+    assert spy.calls[0][1] is None and all(scale > 1 for _, scale, _ in spy.calls[1:])  # linear: step 0 unguided
+    assert all(fed.shape[0] == 3 for fed in spy.fed)
+
+
+def test_guide_model_needs_no_null_class_but_the_same_tokens():
+    model = make(parallel=4, class_dropout=0.0)
+    with pytest.raises(UserError, match="class dropout"):
+        generate(model, torch.tensor([0]), cfg_scale=2.0, progress=False)
+    out = generate(model, torch.tensor([0]), cfg_scale=2.0, progress=False, guide_model=make(parallel=4, seed=1))
+    assert out.shape == (1, 8, 4, 4)
+    others = ((make(parallel=1), "parallel"), (make(parallel=4, head="bitwise"), "head"),
+              (make(parallel=4, token_bits=16), "token_bits"), (make(parallel=4, num_classes=3), "num_classes"))
+    for other, field in others:
+        with pytest.raises(UserError, match=f"guide model does not match the model: {field}"):
+            generate(model, torch.tensor([0]), cfg_scale=2.0, progress=False, guide_model=other)

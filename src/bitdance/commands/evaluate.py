@@ -13,12 +13,13 @@ import argparse
 import json
 import sys
 
-from bitdance.commands.options import DEVICE_HELP, DTYPES, TEMPERATURE_HELP
+from bitdance.commands.options import DEVICE_HELP, DTYPES, TEMPERATURE_HELP, add_guidance_flags
 from bitdance.utils import UserError, ensure_output_dir, write_json
 
 DEFAULT_MODEL_SAMPLES = 1000
 # flags that only shape sampling from --model: given with --samples they would be ignored, so they are refused
-MODEL_ONLY_FLAGS = ("seed", "steps", "guidance_scale", "cfg_schedule", "temperature", "dtype", "save_samples")
+MODEL_ONLY_FLAGS = ("seed", "steps", "guidance_scale", "cfg_schedule", "temperature", "guidance", "guide_model",
+                    "dtype", "save_samples")
 
 
 def register(subparsers) -> None:
@@ -80,6 +81,7 @@ def _add_source(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance over the AR steps (--model; default: the model's)")
     p.add_argument("--temperature", type=float, default=None, help=f"{TEMPERATURE_HELP} (--model)")
+    add_guidance_flags(p, " (--model)")
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="autocast dtype for sampling (--model; default: float32)")
     p.add_argument("--save-samples", default=None, help="write the generated samples to this .npz (--model)")
@@ -121,8 +123,8 @@ def _load_samples(args, num_classes: int | None, device):
         args.model, args.num_samples or DEFAULT_MODEL_SAMPLES, num_classes=num_classes,
         batch_size=args.batch_size, seed=args.seed or 0, num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale, cfg_schedule=args.cfg_schedule, device=device,
-        dtype=args.dtype or "float32",
-        temperature=args.temperature)
+        dtype=args.dtype or "float32", temperature=args.temperature, guidance=args.guidance,
+        guide_model=args.guide_model)
     if args.save_samples:
         save_npz(args.save_samples, images, labels)
         settings["saved_to"] = args.save_samples

@@ -17,6 +17,7 @@ from bitdance.commands.options import (
     DTYPES,
     TEMPERATURE_HELP,
     DefaultsHelpFormatter,
+    add_guidance_flags,
     add_optimisation_flags,
     add_run_flags,
     config_from_args,
@@ -86,6 +87,7 @@ def register(subparsers) -> None:
                    help="guidance schedule over AR steps (default: the model's)")
     s.add_argument("--steps", type=int, default=None, help="head (flow) steps per AR step (default: the model's)")
     s.add_argument("--temperature", type=float, default=None, help=TEMPERATURE_HELP)
+    add_guidance_flags(s)
     s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--batch-size", type=int, default=64, help="images per sampling batch")
     s.add_argument("--scale", type=int, default=None, help="PNG upscale factor (default: tiles to ~64 px)")
@@ -138,7 +140,8 @@ def run_sample(args) -> int:
     check_temperature(args.temperature)  # before the progress bars start
     ensure_output_dir(out)  # before sampling, not after
     device = resolve_device(args.device)
-    pipe = BitDancePipeline.from_pretrained(args.model, device=device, dtype=args.dtype)
+    pipe = BitDancePipeline.from_pretrained(args.model, device=device, dtype=args.dtype, guide_model=args.guide_model)
+    pipe.guide_kind(args.guidance)  # refused before sampling
     classes = pipe.class_ids(args.class_label) if args.class_label else list(range(pipe.num_classes))
     labels = [c for c in classes for _ in range(args.num_images)]  # label order, num_images each
 
@@ -148,7 +151,7 @@ def run_sample(args) -> int:
         gen = torch.Generator(device=device).manual_seed(batch_seed(args.seed, start))
         batch = pipe(class_labels=labels[start:start + args.batch_size], num_inference_steps=args.steps,
                      guidance_scale=args.cfg, cfg_schedule=args.cfg_schedule, generator=gen, output_type="pt",
-                     progress=args.progress, temperature=args.temperature)
+                     progress=args.progress, temperature=args.temperature, guidance=args.guidance)
         images.append(batch.images)  # (b, c, H, W) in [-1, 1]
         bar.update(batch.images.shape[0])
     bar.close()

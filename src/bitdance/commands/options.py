@@ -15,6 +15,16 @@ TEMPERATURE_HELP = ("the token head's sampling temperature (default: the model's
                     "head's per-step sampler noise, or the bitwise head's softmax temperature; 0 = no noise / argmax")
 
 
+def add_guidance_flags(p, suffix: str = "") -> None:
+    """--guidance and --guide-model (autoguidance), for the commands that sample from a pipeline."""
+    p.add_argument("--guidance", default=None, choices=("cfg", "guide"),
+                   help="guide with the model's null class (cfg) or with a guide model (autoguidance; default: "
+                   f"guide when the pipeline has one or --guide-model is given, else cfg){suffix}")
+    p.add_argument("--guide-model", default=None, metavar="DIR",
+                   help="a weaker generator of the same tokens to guide with (a generator, pipeline or run "
+                   f"folder), in place of the pipeline's own guide{suffix}")
+
+
 def print_from_main_rank(text) -> None:
     """Print a command's result line once: under torchrun only rank 0 prints it (every rank runs the command)."""
     if os.environ.get("RANK", "0") == "0":

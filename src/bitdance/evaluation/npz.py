@@ -101,13 +101,15 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                      batch_size: int = 50, seed: int = 0, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, device=None, progress: bool = True,
                      cfg_schedule: str | None = None, dtype: str | None = None,
-                     temperature: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     temperature: float | None = None, guidance: str | None = None,
+                     guide_model: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample `num_samples` images from a saved pipeline (a folder, 'builtin', or a loaded BitDancePipeline),
     classes cycled 0..C-1.
 
     Batch i starts at global index s = i * batch_size and uses its own generator seeded with
     `seed * 1_000_003 + s`, so no two batches (and no two classes) share noise and a run is reproducible
-    from (seed, batch_size). Returns (images uint8 (n, H, W, c), labels (n,), settings for the report).
+    from (seed, batch_size). guidance ("cfg" or "guide") and guide_model (a generator folder to guide with, for a
+    pipeline loaded here) as in `BitDancePipeline`. Returns (images uint8 (n, H, W, c), labels (n,), settings).
     """
     import torch
     from tqdm.auto import tqdm
@@ -116,7 +118,13 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
 
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    pipe = model if isinstance(model, BitDancePipeline) else BitDancePipeline.from_pretrained(model)
+    if isinstance(model, BitDancePipeline):
+        if guide_model is not None:  # changing a caller's pipeline behind its back would outlive this call
+            raise ValueError("guide_model is for a pipeline loaded here: attach one to a loaded pipeline with "
+                             "set_guide")
+        pipe = model
+    else:
+        pipe = BitDancePipeline.from_pretrained(model, **({} if guide_model is None else {"guide_model": guide_model}))
     if (device is not None or dtype is not None) and hasattr(pipe, "to"):
         pipe = pipe.to(device, dtype=dtype) or pipe  # dtype: the autocast dtype (e.g. bfloat16 on a GPU)
     num_classes = getattr(pipe, "num_classes", None) or num_classes
@@ -129,7 +137,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
         out = pipe(class_labels=labels[start:start + batch_size].tolist(),
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False,
-                   temperature=temperature)
+                   temperature=temperature, **({} if guidance is None else {"guidance": guidance}))
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
     source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     model_config = getattr(getattr(pipe, "model", None), "config", None)  # None for a stand-in pipeline
@@ -138,5 +146,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                 "labels": "cycled 0..C-1", "seed": seed, "seeding": "per batch: seed * 1000003 + first index",
                 "batch_size": batch_size, "num_inference_steps": num_inference_steps, "head_steps": head_steps,
                 "guidance_scale": guidance_scale, "cfg_schedule": cfg_schedule, "temperature": temperature,
+                "guidance": pipe.guide_kind(guidance) if hasattr(pipe, "guide_kind") else "cfg",
+                "guide_model": None if guide_model is None else str(guide_model),
                 "dtype": str(getattr(pipe, "dtype", dtype or "float32")).removeprefix("torch.")}
     return np.concatenate(images), labels, settings

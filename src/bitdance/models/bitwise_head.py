@@ -68,19 +68,28 @@ class BitwiseHead(nn.Module):
         generator: torch.Generator | None = None,
         *,
         temperature: float | None = None,
+        guide: tuple[BitwiseHead, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Each bit drawn from softmax(logits / temperature); num_steps is ignored (one shot).
 
         cfg_scale float: cond is [cond; uncond] and logits mix as u + s (c - u). temperature None: the config's;
-        0: argmax.
+        0: argmax. guide = (guide_head, guide_cond), with a float cfg_scale: autoguidance, u is the guide head's
+        logits on its own condition and cond is (b, p, d).
         """
         check_head_inputs(self.config, cond)
         m = cond.shape[0]
-        if cfg_scale is not None and m % 2:
+        if guide is not None and cfg_scale is None:
+            raise ValueError("a guide head needs a cfg_scale")
+        if guide is None and cfg_scale is not None and m % 2:
             raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
         with fp32_island(cond.device.type):
             logits = self.logits(cond.float())  # (m, p, k, 2)
-            if cfg_scale is not None:
+            if guide is not None:
+                guide_head, guide_cond = guide
+                check_head_inputs(guide_head.config, guide_cond)
+                lc, lu = logits, guide_head.logits(guide_cond.float())
+                logits = lu + cfg_scale * (lc - lu)  # (b, p, k, 2)
+            elif cfg_scale is not None:
                 lc, lu = logits.chunk(2, dim=0)
                 logits = lu + cfg_scale * (lc - lu)  # (b, p, k, 2)
             diff = logits[..., 1] - logits[..., 0]  # (b, p, k): log-odds of bit +1

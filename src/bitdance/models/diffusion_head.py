@@ -352,20 +352,35 @@ class DiffusionHead(nn.Module):
         binarize: bool = True,
         *,
         temperature: float | None = None,
+        guide: tuple[DiffusionHead, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(b, p, k) bits in {-1, +1}. cfg_scale None: cond is (b, p, d); float: [cond; uncond] (2b rows).
 
         temperature scales the sampler's per-step noise (None: the config's; 1: the official sampler).
+        guide = (guide_head, guide_cond (b, p, d')), with a float cfg_scale: autoguidance (Karras et al. 2024):
+        cond is (b, p, d) and the guiding branch is another (weaker) head on its own condition instead of this
+        head on the null class, v = v_guide + cfg_scale (v - v_guide).
         """
         check_head_inputs(self.config, cond)
         m, p, _ = cond.shape
-        if cfg_scale is not None and m % 2:
+        if guide is not None and cfg_scale is None:
+            raise ValueError("a guide head needs a cfg_scale")
+        if guide is None and cfg_scale is not None and m % 2:
             raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
-        b = m if cfg_scale is None else m // 2
+        b = m if cfg_scale is None or guide is not None else m // 2
         # The condition is fixed for the whole flow and t is shared by all rows at each flow step: embed
         # the condition once per call and t once per step, not per row and step.
         c_emb = self.embed_cond(cond.float())
         fn = lambda z, t: self.forward_net(z, t, None, c_emb, self.net.time_embed(t[:1]))  # noqa: E731
+        if guide is not None:
+            guide_head, guide_cond = guide
+            check_head_inputs(guide_head.config, guide_cond)
+            g_emb = guide_head.embed_cond(guide_cond.float())
+            own = fn
+
+            def fn(z, t):  # z (2b, p, k) = [x; x]: this head's rows first, the guide's second, as [cond; uncond]
+                g = guide_head.forward_net(z[b:], t[b:], None, g_emb, guide_head.net.time_embed(t[:1]))
+                return torch.cat([own(z[:b], t[:b]), g])
         return self.flow.sample(
             fn, shape=(b, p, self.config.token_bits), num_steps=num_steps, cfg_scale=cfg_scale,
             generator=generator, device=cond.device, binarize=binarize,
