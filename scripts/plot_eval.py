@@ -76,7 +76,8 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
         (("precision", "recall"), "precision (solid) / recall (dashed)", 1)
     panels = ((("fid",), "FID (lower is better)", 1),
               (("class_consistency",), "class consistency % (higher is better)", 100), last)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    # constrained layout makes room for the legend below the panels, where it hides no data point
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8 + 0.2 * len(groups)), layout="constrained")
     for ax, (keys, name, scale) in zip(axes, panels):
         for (series, members), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
             for key, dash in zip(keys, ("-", "--")):
@@ -94,9 +95,8 @@ def plot(rows: list[dict], path: Path, title: str = "", x: str = "steps") -> Pat
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     axes[2].set_ylim(bottom=0)
-    axes[0].legend(fontsize=7, loc="best")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     from bitdance.utils import save_figure
 
     return save_figure(fig, path, dpi=120)

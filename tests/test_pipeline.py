@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_transformer import randomize_head  # the head's zeroed output layers, randomised
 
 import bitdance.pipeline as pl
 from bitdance.models.autoencoder import ImageTokenizer, TokenizerConfig
@@ -197,13 +198,7 @@ def test_generate_samples_takes_the_autocast_dtype(pipe):
 
 def make_guide(seed=1):
     torch.manual_seed(seed)
-    guide = BitDance(BITDANCE_PRESETS["tiny"](parallel=4, num_classes=3, dim=32, n_layers=1))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in guide.head.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return guide
+    return randomize_head(BitDance(BITDANCE_PRESETS["tiny"](parallel=4, num_classes=3, dim=32, n_layers=1)), seed)
 
 
 def test_guide_model_saves_loads_and_is_the_default_guidance(tmp_path):

@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_transformer import randomize_head  # the head's zeroed output layers, randomised
 
 from bitdance.models import transformer as T
 from bitdance.models.transformer import BITDANCE_PRESETS, BitDance
@@ -16,13 +17,7 @@ def make(parallel=1, seed=0, **kw):
     """Tiny model; the head's zero-initialised output layers are randomised so that samples depend on the
     condition (otherwise cached vs cache-free equality would hold trivially)."""
     torch.manual_seed(seed)
-    model = BitDance(BITDANCE_PRESETS["tiny"](parallel=parallel, **kw)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            if p.abs().max() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return randomize_head(BitDance(BITDANCE_PRESETS["tiny"](parallel=parallel, **kw)).eval(), seed)
 
 
 def gen(seed):

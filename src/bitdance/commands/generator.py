@@ -82,7 +82,8 @@ def register(subparsers) -> None:
                    help="class ids or names (default: every class)")
     s.add_argument("--num-images", type=int, default=8, help="images per class label")
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npz (arr_0 uint8 NHWC, arr_1 labels)")
-    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's; 1 = off)")
+    s.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale, of CFG or of the guide (default: the pipeline's for that kind; 1 = off)")
     s.add_argument("--cfg-schedule", default=None, choices=CFG_SCHEDULES,
                    help="guidance schedule over AR steps (default: the model's)")
     s.add_argument("--steps", type=int, default=None, help="head (flow) steps per AR step (default: the model's)")
