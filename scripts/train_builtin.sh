@@ -2,7 +2,7 @@
 # Recipe for the built-in Fashion-MNIST model shipped in src/bitdance/builtin/ (tokenizer + generator).
 # Uses only our CLI, on a 2-core CPU. Rerun it from the repository root after `make setup data`:
 #
-#   bash scripts/train_builtin.sh            # about 8.5 hours on a 2-core machine (30 + 58 + 63 + 72 + 80 + 71 + 68 + 35 + 31 min)
+#   bash scripts/train_builtin.sh            # about 8.75 hours on a 2-core machine (30 + 58 + 63 + 72 + 80 + 71 + 68 + 15 + 35 + 31 min)
 #   INSTALL=0 bash scripts/train_builtin.sh  # train only, don't replace the packaged model
 #
 # Step 1 is the binary run of scripts/bench_tokenizer.py (same flags), so its PSNR/SSIM figures apply.
@@ -64,6 +64,18 @@ for steps in 9000 10500 12000; do
   train_stage "$steps" --schedule-start $((steps - 1500)) --batch-size 64 --lr 2e-4 --save-every 250
 done
 
+# 2b. Guide model for autoguidance: a small generator of the same codes (dim 128, 4 layers, head width 128: 1.7 M
+#    parameters), 3,000 steps (about 15 minutes). The built-in model samples with v = v_guide + w (v - v_guide)
+#    instead of CFG (docs/results.md section 3, "Autoguidance"). (The shipped guide was trained on the packaged
+#    tokenizer's codes: its encoder is this tokenizer's, stored in float16.)
+GUIDE=$OUT/guide
+if [ ! -f "$GUIDE/model/model_index.json" ]; then
+  $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
+    --model-arg dim=128 --model-arg n_layers=4 --model-arg n_heads=2 --model-arg head_width=128 \
+    --steps 3000 --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --cfg 1 --sample-steps 6 --save-every 250 \
+    --device cpu --out "$GUIDE"
+fi
+
 # 3. Decoder fine-tune with a GAN loss (weight 0.3): the encoder and quantizer are frozen, so the codes, and with
 #    them the generator of step 2, stay valid; only the images decoded from the codes get sharper.
 OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$TOKENIZER" --decoder-only \
@@ -78,18 +90,24 @@ OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$OUT/dec
   --steps 3000 --max-minutes 35 --batch-size 64 --lr 2e-4 --warmup 100 --disc-weight 0.3 --eval-images 1000 \
   --sample-every 1000 --save-every 250 --device cpu --out "$OUT/decoder_noise"
 
-# 4. Install into the package: the generator with the fine-tuned tokenizer, safetensors stored in float16
-#    (16 MB instead of 33 MB; loads back as fp32).
+# 4. Install into the package: the generator with the fine-tuned tokenizer and the guide (sampling default:
+#    autoguidance at GUIDE_SCALE, constant schedule), safetensors stored in float16 (20 MB instead of 40 MB; loads
+#    back as fp32).
+GUIDE_SCALE=${GUIDE_SCALE:-2.5}
 #    Saved beside the packaged model and swapped in only once whole: a failed save leaves the old one in place.
 if [ "${INSTALL:-1}" = 1 ]; then
   NEW=src/bitdance/.builtin.new OLD=src/bitdance/.builtin.old
   rm -rf "$NEW"  # left by an install that failed
   $PYTHON -c "import sys, torch
 from bitdance.models.autoencoder import ImageTokenizer
-from bitdance.pipeline import BitDancePipeline
+from bitdance.models.transformer import BitDance
+from bitdance.pipeline import BitDancePipeline, resolve_generator_path
 pipe = BitDancePipeline.from_pretrained(sys.argv[1])
 pipe.tokenizer = ImageTokenizer.from_pretrained(sys.argv[2])
-pipe.save_pretrained(sys.argv[3], dtype=torch.float16)" "$GEN/model" "$OUT/decoder_noise/model" "$NEW"
+pipe.set_guide(BitDance.from_pretrained(resolve_generator_path(sys.argv[4])), scale=float(sys.argv[5]),
+               schedule='constant')
+pipe.save_pretrained(sys.argv[3], dtype=torch.float16)" "$GEN/model" "$OUT/decoder_noise/model" "$NEW" "$GUIDE" \
+    "$GUIDE_SCALE"
   rm -rf "$OLD"
   if [ -e src/bitdance/builtin ]; then mv src/bitdance/builtin "$OLD"; fi
   mv "$NEW" src/bitdance/builtin

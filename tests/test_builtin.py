@@ -5,19 +5,22 @@ from PIL import Image
 
 from bitdance.cli import main
 from bitdance.pipeline import BitDancePipeline, builtin_path
+from bitdance.utils import count_parameters
 
 
 def test_builtin_model_is_packaged_and_small():
     root = builtin_path()
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    assert files == ["generator/config.json", "generator/model.safetensors", "model_index.json",
-                     "tokenizer/config.json", "tokenizer/model.safetensors"]
+    assert files == ["generator/config.json", "generator/model.safetensors", "guide/config.json",
+                     "guide/model.safetensors", "model_index.json", "tokenizer/config.json",
+                     "tokenizer/model.safetensors"]
     assert sum((root / f).stat().st_size for f in files) < 30 * 2**20  # the 30 MB budget
 
 
 def test_builtin_generates_deterministically():
     pipe = BitDancePipeline.from_pretrained("builtin")
     assert pipe.num_classes == 10 and pipe.class_names[7] == "Sneaker"
+    assert pipe.guide_kind() == "guide" and count_parameters(pipe.guide_model) < count_parameters(pipe.model) / 4
     kwargs = dict(class_labels=["Sneaker", 8], num_inference_steps=4, output_type="pt", progress=False)
     a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     b = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
