@@ -284,9 +284,18 @@ def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys, mo
 
         outside = StepBoundaryInterrupt().install()
         with pytest.raises(KeyboardInterrupt):
-            press()  # between steps (saving, sampling): at once, state whole
+            press()  # between steps: at once, state whole
         assert outside.at_boundary and not outside.together  # each rank on its own: no barrier
         outside.restore()
+
+        saving = StepBoundaryInterrupt().install()
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with saving.deferred():  # saving or sampling, a lazy import among them: not cut off halfway
+                press()
+                finished = True
+        assert finished and saving.at_boundary and saving.together
+        saving.restore()
 
         twice = StepBoundaryInterrupt().install()
         twice.begin_step()

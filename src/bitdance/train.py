@@ -528,12 +528,15 @@ def _train(cfg: TrainConfig, out: Path, info, logger) -> Path:
             interrupt.end_step()  # a Ctrl-C during the update stops here, with the state whole and logged
             t_pause = time.time()
             saving = step % cfg.save_every == 0 or step == last
-            if saving:
-                save(step)
-            if sample_every and (step % sample_every == 0 or step == cfg.steps):
-                sample_grid(step)
-            if saving:
-                barrier(info)
+            sampling = sample_every and (step % sample_every == 0 or step == cfg.steps)
+            if saving or sampling:
+                with interrupt.deferred():
+                    if saving:
+                        save(step)
+                    if sampling:
+                        sample_grid(step)
+                    if saving:
+                        barrier(info)
             t0 += time.time() - t_pause  # img/s counts training only
     except KeyboardInterrupt:
         interrupt.save_on_interrupt(save, step, logger)

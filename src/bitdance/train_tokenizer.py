@@ -364,13 +364,18 @@ def _train_loop(cfg: TokenizerTrainConfig, out: Path, info, logger) -> Path:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log_row(lr)
             interrupt.end_step()  # a Ctrl-C during the update stops here, with the state whole and logged
-            if step % cfg.save_every == 0 and step < cfg.steps:
-                save(step)
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                samples(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and main and step < cfg.steps:  # eval_set is open
-                evaluate(step)
-                log.plot(out)
+            saving = step % cfg.save_every == 0 and step < cfg.steps
+            sampling = cfg.sample_every and step % cfg.sample_every == 0
+            evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+            if saving or sampling or evaluating:
+                with interrupt.deferred():
+                    if saving:
+                        save(step)
+                    if sampling:
+                        samples(step)
+                    if evaluating and main:  # eval_set is open on rank 0 only
+                        evaluate(step)
+                        log.plot(out)
             barrier(info)
     except KeyboardInterrupt:
         interrupt.save_on_interrupt(save, step, logger)

@@ -434,9 +434,10 @@ class StepBoundaryInterrupt:
     A KeyboardInterrupt raised inside a step (in `opt.step()`, or between the weights' update and the EMA's)
     would leave a half-applied update for the interrupt checkpoint to save, and the resumed run would not be the
     run it continues. The loop brackets each update with `begin_step()` / `end_step()`: a Ctrl-C in between
-    only sets `requested` (and says so), and `end_step()` raises KeyboardInterrupt; one outside a step (logging,
-    saving, sampling) raises at once. Either way `at_boundary` is set and the state is safe to save. A second
-    Ctrl-C inside the step interrupts at once, `at_boundary` False: save nothing. Under DDP `end_step` lets the
+    only sets `requested` (and says so), and `end_step()` raises KeyboardInterrupt; saving and sampling run in
+    `deferred()`, which holds a Ctrl-C the same way; one anywhere else (between steps) raises at once. Either way
+    `at_boundary` is set and the state is safe to save. A second Ctrl-C inside the step (or the deferred block)
+    interrupts at once, `at_boundary` False: save nothing. Under DDP `end_step` lets the
     ranks agree, so all stop after the same step. Where SIGINT is ignored (a background job) or cannot be
     handled (not the main thread) it changes nothing.
 
@@ -488,6 +489,16 @@ class StepBoundaryInterrupt:
         if any_rank(self.requested, self.info):
             self.at_boundary = self.together = True  # every rank raises here, at this step: they may barrier
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold a Ctrl-C until the block (saving, sampling, evaluating; on every rank) has finished, as inside a
+        step: a KeyboardInterrupt raised in the middle of a lazy import (matplotlib's, at the first loss-curve
+        plot) leaves the module half-imported in sys.modules, and the interrupt save that follows fails on it.
+        A Ctrl-C in the block costs a second save of the same step."""
+        self.begin_step()
+        yield
+        self.end_step()
 
     def save_on_interrupt(self, save, step: int, logger) -> None:
         """The trainers' `except KeyboardInterrupt:` body: rank 0 saves a whole state (`save(step)`), or says why
