@@ -78,27 +78,26 @@ def model_fingerprint(path: str | os.PathLike) -> str:
 def resolve_tokenizer_path(path: str | os.PathLike = "builtin") -> Path:
     """The tokenizer weights folder behind `path`: itself, a pipeline's `tokenizer/` ("builtin": the packaged
     model's), or a training run's `model/` (a tokenizer run) or `model/tokenizer/` (a generator run)."""
-    root = resolve_model_path(path) if str(path) == "builtin" else Path(path)
-    if not root.exists():
-        raise UserError(f"tokenizer folder not found: {root}")
-    for candidate in (root, root / "tokenizer", root / "model", root / "model" / "tokenizer"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise UserError(f"no tokenizer found in {root}: it holds no saved tokenizer (config.json + model.safetensors) "
-                    "in itself or in model/, tokenizer/ or model/tokenizer/")
+    return _component_path(path, "tokenizer", ("tokenizer", "model", "model/tokenizer"))
 
 
 def resolve_generator_path(path: str | os.PathLike) -> Path:
     """The generator weights folder behind `path`: itself, a pipeline's `generator/` ("builtin": the packaged
     model's), or a training run's `model/generator/`."""
+    return _component_path(path, "generator", ("generator", "model/generator"))
+
+
+def _component_path(path: str | os.PathLike, component: str, subfolders: tuple[str, ...]) -> Path:
+    """The first of `path` and its `subfolders` that holds a saved module (config.json + model.safetensors)."""
     root = resolve_model_path(path) if str(path) == "builtin" else Path(path)
     if not root.exists():
-        raise UserError(f"generator folder not found: {root}")
-    for candidate in (root, root / "generator", root / "model" / "generator"):
+        raise UserError(f"{component} folder not found: {root}")
+    for candidate in (root, *(root / sub for sub in subfolders)):
         if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
-    raise UserError(f"no generator found in {root}: it holds no saved generator (config.json + model.safetensors) "
-                    "in itself or in generator/ or model/generator/")
+    *first, last = [f"{sub}/" for sub in subfolders]
+    raise UserError(f"no {component} found in {root}: it holds no saved {component} (config.json + "
+                    f"model.safetensors) in itself or in {', '.join(first)} or {last}")
 
 
 def decode_codes(tokenizer: ImageTokenizer, codes: torch.Tensor, generator: torch.Generator | None = None):

@@ -151,12 +151,8 @@ def generate(
 def check_guide(model, guide_model) -> None:
     """A guide model must sample the same tokens the same way: bits per token, patch, grid, classes and head kind
     (its width and depth are free: a smaller network is the usual guide)."""
-    fields = ("token_bits", "parallel", "grid_size", "num_classes", "head")
-    def value(config, field):  # a grid read from config.json is a list
-        v = getattr(config, field)
-        return tuple(v) if isinstance(v, list) else v
-
-    diff = [f"{f} {value(guide_model.config, f)} (model: {value(model.config, f)})" for f in fields
-            if value(guide_model.config, f) != value(model.config, f)]
+    fields = ("token_bits", "parallel", "grid_size", "num_classes", "head")  # the config keeps the grid a tuple
+    diff = [f"{f} {getattr(guide_model.config, f)} (model: {getattr(model.config, f)})" for f in fields
+            if getattr(guide_model.config, f) != getattr(model.config, f)]
     if diff:
         raise UserError("the guide model does not match the model: " + ", ".join(diff))

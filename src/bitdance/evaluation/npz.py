@@ -124,6 +124,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                              "set_guide")
         pipe = model
     else:
+        # guide_model only when given: stand-in pipelines (tests, wrappers) keep a from_pretrained(path)
         pipe = BitDancePipeline.from_pretrained(model, **({} if guide_model is None else {"guide_model": guide_model}))
     if (device is not None or dtype is not None) and hasattr(pipe, "to"):
         pipe = pipe.to(device, dtype=dtype) or pipe  # dtype: the autocast dtype (e.g. bfloat16 on a GPU)
