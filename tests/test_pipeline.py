@@ -228,6 +228,22 @@ def test_guide_model_saves_loads_and_is_the_default_guidance(tmp_path):
     assert torch.equal(attached.guide_model.head.net.input_proj.weight, loaded.model.head.net.input_proj.weight)
 
 
+def test_guide_stored_in_int8_beside_a_float16_generator(tmp_path):
+    from safetensors.torch import load_file
+
+    guided = make_pipeline().set_guide(make_guide(), scale=2.5, schedule="constant")
+    guided.save_pretrained(tmp_path / "p", dtype=torch.float16, guide_dtype=torch.int8)
+    stored = {sub: load_file(str(tmp_path / "p" / sub / "model.safetensors")) for sub in ("generator", "guide")}
+    assert {v.dtype for v in stored["generator"].values()} == {torch.float16}
+    assert torch.int8 in {v.dtype for v in stored["guide"].values()}
+    loaded = BitDancePipeline.from_pretrained(tmp_path / "p")
+    assert torch.equal(loaded.model.head.net.input_proj.weight,
+                       guided.model.head.net.input_proj.weight.half().float())
+    a = loaded([0, 1, 2], generator=gen(1), output_type="codes", progress=False).images
+    b = loaded([0, 1, 2], generator=gen(1), output_type="codes", progress=False).images
+    assert torch.equal(a, b) and loaded.guide_kind() == "guide" and loaded.guide_scale == 2.5
+
+
 def test_guide_errors(tmp_path, pipe):
     with pytest.raises(UserError, match="needs a guide model"):
         pipe([0], guidance="guide", progress=False)

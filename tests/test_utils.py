@@ -109,6 +109,53 @@ def test_save_pretrained_half_precision_loads_back_as_fp32(tmp_path):
     assert (tmp_path / "half" / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
 
 
+def test_save_pretrained_int8_rounds_each_matrix_row_and_loads_back_as_fp32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    @dataclass
+    class Cfg:
+        width: int = 64  # large enough for the weights, not the file's header, to set its size
+
+    class Net(nn.Module, PretrainedMixin):
+        config_class = Cfg
+
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.lin = nn.Linear(config.width, config.width)
+            self.conv = nn.Conv2d(config.width, 4, 3)
+            self.norm = nn.LayerNorm(config.width)
+
+    torch.manual_seed(0)
+    net = Net(Cfg())
+    with torch.no_grad():
+        net.lin.weight[3] *= 100  # one large row must not coarsen the others' rounding
+        net.conv.weight[1] = 0    # an all-zero row stays zero (no division by a zero scale)
+    net.save_pretrained(tmp_path / "int8", dtype=torch.int8)
+    net.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    stored = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    assert stored["lin.weight"].dtype == torch.int8 and stored["conv.weight"].dtype == torch.int8
+    assert stored["lin.bias"].dtype == torch.float16 and stored["norm.weight"].dtype == torch.float16
+
+    back = Net.from_pretrained(tmp_path / "int8")
+    assert back.lin.weight.dtype == torch.float32
+    for name in ("lin.weight", "conv.weight"):
+        ours, theirs = back.state_dict()[name].flatten(1), net.state_dict()[name].flatten(1)
+        step = theirs.abs().amax(1, keepdim=True) / 127  # per output row
+        assert ((ours - theirs).abs() <= step / 2 + 1e-7).all(), name
+    assert (back.conv.weight[1] == 0).all()
+    assert torch.equal(back.lin.bias, net.lin.bias.half().float())
+    x = torch.randn(2, 64)
+    assert torch.allclose(back.lin(x), net.lin(x), rtol=0.05, atol=0.05)
+    int8_size = (tmp_path / "int8" / "model.safetensors").stat().st_size
+    assert int8_size < 0.7 * (tmp_path / "half" / "model.safetensors").stat().st_size
+
+    # a file in a storage format this version does not know is refused by name, not loaded as garbage
+    save_file(stored, str(tmp_path / "int8" / "model.safetensors"), metadata={"bitdance_storage": "int4-blocks"})
+    with pytest.raises(UserError, match="stores its weights as 'int4-blocks'"):
+        Net.from_pretrained(tmp_path / "int8")
+
+
 def test_resume_prefers_the_out_folders_own_checkpoint(tmp_path):
     """--resume starts a run; once that run has saved, rerunning the same command goes on from its own save."""
     start, out = tmp_path / "start", tmp_path / "out"

@@ -164,14 +164,17 @@ class BitDancePipeline:
         return cls(tokenizer, model, index.get("class_names"), dtype=dtype, guide_model=guide,
                    guide_scale=index.get("guide_scale"), guide_schedule=index.get("guide_schedule"))
 
-    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write the pipeline folder; `dtype` (e.g. torch.float16) stores the weights at half precision."""
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None,
+                        guide_dtype: torch.dtype | None = None) -> Path:
+        """Write the pipeline folder; `dtype` (e.g. torch.float16) stores the weights at half precision.
+        `guide_dtype` (default: `dtype`) is the guide's: torch.int8 stores it in a quarter of fp32 (a guide is a
+        deliberately weaker model, so 8-bit rounding costs it little; PretrainedMixin.save_pretrained)."""
         directory = Path(directory)
         self.tokenizer.save_pretrained(directory / "tokenizer", dtype=dtype)
         self.model.save_pretrained(directory / "generator", dtype=dtype)
         guide = {}
         if self.guide_model is not None:
-            self.guide_model.save_pretrained(directory / "guide", dtype=dtype)
+            self.guide_model.save_pretrained(directory / "guide", dtype=guide_dtype or dtype)
             guide = {"guide": ["bitdance", type(self.guide_model).__name__], "guide_scale": self.guide_scale,
                      "guide_schedule": self.guide_schedule}
         h, w = self.image_size

@@ -292,6 +292,38 @@ def config_from_dict(cls: type, d: dict):
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Weight-only int8 storage (save_pretrained(dtype=torch.int8)): the safetensors metadata names the format, and
+# each quantized tensor NAME has its per-row float32 scales under NAME + INT8_SCALE_SUFFIX.
+STORAGE_KEY, INT8_STORAGE, INT8_SCALE_SUFFIX = "bitdance_storage", "int8-rowwise", "#int8_scale"
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices, embeddings and conv kernels -> int8 with one absmax scale per output row (a quarter of fp32);
+    vectors (biases, norms) -> float16, where rounding a whole row to 8 bits would cost more than it saves."""
+    out = {}
+    for name, value in state.items():
+        if not value.is_floating_point() or value.ndim < 2:
+            out[name] = (value.half() if value.is_floating_point() else value).contiguous()
+            continue
+        rows = value.detach().float().flatten(1)                             # (out, fan_in)
+        scale = rows.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        out[name] = torch.round(rows / scale[:, None]).to(torch.int8).view(value.shape).contiguous()
+        out[name + INT8_SCALE_SUFFIX] = scale
+    return out
+
+
+def dequantize_int8(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of quantize_int8, in float32 (up to its rounding: half a scale step per weight)."""
+    out = {}
+    for name, value in stored.items():
+        if name.endswith(INT8_SCALE_SUFFIX):
+            continue
+        scale = stored.get(name + INT8_SCALE_SUFFIX)
+        if scale is None:
+            out[name] = value.float() if value.is_floating_point() else value
+        else:
+            out[name] = (value.float().flatten(1) * scale[:, None]).view(value.shape)
+    return out
 
 
 class PretrainedMixin:
@@ -305,7 +337,9 @@ class PretrainedMixin:
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write config.json + model.safetensors. `dtype` (e.g. torch.float16) stores floating-point weights at
-        that precision to halve the files; `from_pretrained` casts them back to the model's dtype."""
+        that precision to halve the files; torch.int8 stores matrices as 8-bit integers with per-row scales
+        (quantize_int8; lossy, for a model whose exact weights matter little, such as a guide). `from_pretrained`
+        casts them back to the model's dtype."""
         from safetensors.torch import save_file, save_model
 
         directory = Path(directory)
@@ -314,6 +348,8 @@ class PretrainedMixin:
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
             if dtype is None:
                 save_model(self, str(tmp))
+            elif dtype == torch.int8:
+                save_file(quantize_int8(self.state_dict()), str(tmp), metadata={STORAGE_KEY: INT8_STORAGE})
             else:
                 state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
                          for k, v in self.state_dict().items()}
@@ -322,10 +358,12 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu"):
+        from safetensors import safe_open
         from safetensors.torch import load_model
 
         directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+        weights = directory / WEIGHTS_NAME
+        if not (directory / CONFIG_NAME).is_file() or not weights.is_file():
             raise UserError(f"{directory} is not a saved {cls.__name__} (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         raw = read_json(directory / CONFIG_NAME)
         saved = raw.get("_class_name")
@@ -333,11 +371,20 @@ class PretrainedMixin:
             raise UserError(f"{directory} holds a {saved}, not a {cls.__name__}")
         model = cls(config_from_dict(cls.config_class, raw))
         try:
-            load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
+            with safe_open(str(weights), "pt") as f:
+                storage = (f.metadata() or {}).get(STORAGE_KEY)
+            if storage == INT8_STORAGE:
+                model.load_state_dict(dequantize_int8(read_safetensors(weights)), strict=True)
+            elif storage is not None:
+                raise UserError(f"{weights} stores its weights as {storage!r}, which this version cannot read")
+            else:
+                load_model(model, str(weights), strict=True, device=str(device))
         except RuntimeError as e:
             raise UserError(f"weights in {directory} do not match its config: {first_line(e, 300)}")
+        except UserError:
+            raise
         except Exception as e:  # a truncated or foreign file: safetensors raises its own SafetensorError
-            raise UserError(f"cannot read {directory / WEIGHTS_NAME}: {type(e).__name__}: {first_line(e)}")
+            raise UserError(f"cannot read {weights}: {type(e).__name__}: {first_line(e)}")
         return model.to(device).eval()
 
 
