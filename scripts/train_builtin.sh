@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Recipe for the built-in Fashion-MNIST model shipped in src/bitdance/builtin/ (tokenizer + generator).
+# Recipe for the built-in Fashion-MNIST model shipped in src/bitdance/builtin/ (tokenizer, generator, guide).
 # Uses only our CLI, on a 2-core CPU. Rerun it from the repository root after `make setup data`:
 #
-#   bash scripts/train_builtin.sh            # about 8.75 hours on a 2-core machine (30 + 58 + 63 + 72 + 80 + 71 + 68 + 15 + 35 + 31 min)
+#   bash scripts/train_builtin.sh            # about 8.5 hours on a 2-core machine (30 + 58 + 63 + 72 + 80 + 71 + 68 + 35 + 31 min)
 #   INSTALL=0 bash scripts/train_builtin.sh  # train only, don't replace the packaged model
 #
 # Step 1 is the binary run of scripts/bench_tokenizer.py (same flags), so its PSNR/SSIM figures apply.
@@ -56,25 +56,27 @@ train_stage() {  # train_stage STEPS FLAGS...: skipped when the checkpoint is pa
   $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
     --steps "$target" --ema 0.999 --cfg 1.5 --sample-steps 6 --warmup 100 --device cpu --out "$GEN" "$@"
 }
-for steps in 3000 6000; do
-  train_stage "$steps" --batch-size 32 --lr 1e-3 --save-every 200
-done
+train_stage 3000 --batch-size 32 --lr 1e-3 --save-every 200
+
+# 2b. Guide for autoguidance: the generator as it is after this first stage (3,000 steps), kept before the later
+#    stages replace $GEN/model. The built-in model samples with v = v_guide + w (v - v_guide) instead of CFG, a
+#    weaker version of itself as the guide (docs/results.md section 3, "Autoguidance"); shipped in int8 (step 4).
+GUIDE=$OUT/guide
+if [ ! -f "$GUIDE/model_index.json" ]; then
+  at=$(checkpoint_step)  # not inside the `if`, where set -e would not stop the script on a failure
+  if [ "$at" -ne 3000 ]; then
+    echo "$GUIDE is missing and $GEN is past its first stage: rerun from a fresh OUT (or copy a 3,000-step" \
+         "export of this run to $GUIDE)" >&2
+    exit 2
+  fi
+  rm -rf "$GUIDE.tmp" && cp -r "$GEN/model" "$GUIDE.tmp" && mv "$GUIDE.tmp" "$GUIDE"
+fi
+
+train_stage 6000 --batch-size 32 --lr 1e-3 --save-every 200
 train_stage 7500 --schedule-start 6000 --batch-size 64 --lr 3e-4 --save-every 250
 for steps in 9000 10500 12000; do
   train_stage "$steps" --schedule-start $((steps - 1500)) --batch-size 64 --lr 2e-4 --save-every 250
 done
-
-# 2b. Guide model for autoguidance: a small generator of the same codes (dim 128, 4 layers, head width 128: 1.7 M
-#    parameters), 3,000 steps (about 15 minutes). The built-in model samples with v = v_guide + w (v - v_guide)
-#    instead of CFG (docs/results.md section 3, "Autoguidance"). (The shipped guide was trained on the packaged
-#    tokenizer's codes: its encoder is this tokenizer's, stored in float16.)
-GUIDE=$OUT/guide
-if [ ! -f "$GUIDE/model/model_index.json" ]; then
-  $BITDANCE train --tokenizer "$TOKENIZER" --data "$DATA" --preset fmnist --parallel "$PARALLEL" --head diffusion \
-    --model-arg dim=128 --model-arg n_layers=4 --model-arg n_heads=2 --model-arg head_width=128 \
-    --steps 3000 --batch-size 32 --lr 1e-3 --warmup 100 --ema 0.999 --cfg 1 --sample-steps 6 --save-every 250 \
-    --device cpu --out "$GUIDE"
-fi
 
 # 3. Decoder fine-tune with a GAN loss (weight 0.3): the encoder and quantizer are frozen, so the codes, and with
 #    them the generator of step 2, stay valid; only the images decoded from the codes get sharper.
@@ -91,9 +93,10 @@ OMP_NUM_THREADS=2 $BITDANCE tokenizer train --data "$DATA" --init-from "$OUT/dec
   --sample-every 1000 --save-every 250 --device cpu --out "$OUT/decoder_noise"
 
 # 4. Install into the package: the generator with the fine-tuned tokenizer and the guide (sampling default:
-#    autoguidance at GUIDE_SCALE, constant schedule), safetensors stored in float16 (20 MB instead of 40 MB; loads
-#    back as fp32).
-GUIDE_SCALE=${GUIDE_SCALE:-2.5}
+#    autoguidance at GUIDE_SCALE, constant schedule), safetensors stored in float16, the guide's matrices in int8
+#    with per-row scales (24.5 MB instead of 64 MB in fp32; loads back as fp32). (The shipped guide was rounded
+#    to int8 from the float16 copy of its export that the package held at commit 449228d.)
+GUIDE_SCALE=${GUIDE_SCALE:-4}
 #    Saved beside the packaged model and swapped in only once whole: a failed save leaves the old one in place.
 if [ "${INSTALL:-1}" = 1 ]; then
   NEW=src/bitdance/.builtin.new OLD=src/bitdance/.builtin.old
@@ -106,7 +109,7 @@ pipe = BitDancePipeline.from_pretrained(sys.argv[1])
 pipe.tokenizer = ImageTokenizer.from_pretrained(sys.argv[2])
 pipe.set_guide(BitDance.from_pretrained(resolve_generator_path(sys.argv[4])), scale=float(sys.argv[5]),
                schedule='constant')
-pipe.save_pretrained(sys.argv[3], dtype=torch.float16)" "$GEN/model" "$OUT/decoder_noise/model" "$NEW" "$GUIDE" \
+pipe.save_pretrained(sys.argv[3], dtype=torch.float16, guide_dtype=torch.int8)" "$GEN/model" "$OUT/decoder_noise/model" "$NEW" "$GUIDE" \
     "$GUIDE_SCALE"
   rm -rf "$OLD"
   if [ -e src/bitdance/builtin ]; then mv src/bitdance/builtin "$OLD"; fi

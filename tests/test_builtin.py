@@ -5,7 +5,7 @@ from PIL import Image
 
 from bitdance.cli import main
 from bitdance.pipeline import BitDancePipeline, builtin_path
-from bitdance.utils import count_parameters
+from bitdance.utils import count_parameters, read_safetensors
 
 
 def test_builtin_model_is_packaged_and_small():
@@ -15,12 +15,16 @@ def test_builtin_model_is_packaged_and_small():
                      "guide/model.safetensors", "model_index.json", "tokenizer/config.json",
                      "tokenizer/model.safetensors"]
     assert sum((root / f).stat().st_size for f in files) < 30 * 2**20  # the 30 MB budget
+    stored = read_safetensors(root / "guide" / "model.safetensors")
+    assert stored["head.net.input_proj.weight"].dtype == torch.int8
 
 
 def test_builtin_generates_deterministically():
     pipe = BitDancePipeline.from_pretrained("builtin")
     assert pipe.num_classes == 10 and pipe.class_names[7] == "Sneaker"
-    assert pipe.guide_kind() == "guide" and count_parameters(pipe.guide_model) < count_parameters(pipe.model) / 4
+    # the guide is the generator's own first training stage: the same network, stored in int8
+    assert pipe.guide_kind() == "guide" and count_parameters(pipe.guide_model) == count_parameters(pipe.model)
+    assert not torch.equal(pipe.guide_model.head.net.input_proj.weight, pipe.model.head.net.input_proj.weight)
     kwargs = dict(class_labels=["Sneaker", 8], num_inference_steps=4, output_type="pt", progress=False)
     a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     b = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
