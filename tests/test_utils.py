@@ -82,28 +82,30 @@ def test_ema_and_lr():
     assert abs(cosine_lr(100, 1.0, warmup=10, total=100, min_lr=0.1) - 0.1) < 1e-9
 
 
+@dataclass
+class TinyConfig:
+    width: int = 64  # large enough for the weights, not the file's header, to set its size
+
+
+class TinyNet(nn.Module, PretrainedMixin):
+    """A matrix, a conv kernel and vectors: every kind of tensor save_pretrained stores differently."""
+
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.lin = nn.Linear(config.width, config.width)
+        self.conv = nn.Conv2d(config.width, 4, 3)
+        self.norm = nn.LayerNorm(config.width)
+
+
 def test_save_pretrained_half_precision_loads_back_as_fp32(tmp_path):
-    from dataclasses import dataclass
-
-    from bitdance.utils import PretrainedMixin
-
-    @dataclass
-    class Cfg:
-        width: int = 4
-
-    class Net(nn.Module, PretrainedMixin):
-        config_class = Cfg
-
-        def __init__(self, config):
-            super().__init__()
-            self.config = config
-            self.lin = nn.Linear(config.width, config.width)
-
-    net = Net(Cfg())
+    net = TinyNet(TinyConfig())
     net.save_pretrained(tmp_path / "half", dtype=torch.float16)
     full = (tmp_path / "full")
     net.save_pretrained(full)
-    back = Net.from_pretrained(tmp_path / "half")
+    back = TinyNet.from_pretrained(tmp_path / "half")
     assert back.lin.weight.dtype == torch.float32
     assert torch.equal(back.lin.weight, net.lin.weight.half().float())
     assert (tmp_path / "half" / "model.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size
@@ -112,22 +114,8 @@ def test_save_pretrained_half_precision_loads_back_as_fp32(tmp_path):
 def test_save_pretrained_int8_rounds_each_matrix_row_and_loads_back_as_fp32(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    @dataclass
-    class Cfg:
-        width: int = 64  # large enough for the weights, not the file's header, to set its size
-
-    class Net(nn.Module, PretrainedMixin):
-        config_class = Cfg
-
-        def __init__(self, config):
-            super().__init__()
-            self.config = config
-            self.lin = nn.Linear(config.width, config.width)
-            self.conv = nn.Conv2d(config.width, 4, 3)
-            self.norm = nn.LayerNorm(config.width)
-
     torch.manual_seed(0)
-    net = Net(Cfg())
+    net = TinyNet(TinyConfig())
     with torch.no_grad():
         net.lin.weight[3] *= 100  # one large row must not coarsen the others' rounding
         net.conv.weight[1] = 0    # an all-zero row stays zero (no division by a zero scale)
@@ -137,7 +125,7 @@ def test_save_pretrained_int8_rounds_each_matrix_row_and_loads_back_as_fp32(tmp_
     assert stored["lin.weight"].dtype == torch.int8 and stored["conv.weight"].dtype == torch.int8
     assert stored["lin.bias"].dtype == torch.float16 and stored["norm.weight"].dtype == torch.float16
 
-    back = Net.from_pretrained(tmp_path / "int8")
+    back = TinyNet.from_pretrained(tmp_path / "int8")
     assert back.lin.weight.dtype == torch.float32
     for name in ("lin.weight", "conv.weight"):
         ours, theirs = back.state_dict()[name].flatten(1), net.state_dict()[name].flatten(1)
@@ -153,7 +141,7 @@ def test_save_pretrained_int8_rounds_each_matrix_row_and_loads_back_as_fp32(tmp_
     # a file in a storage format this version does not know is refused by name, not loaded as garbage
     save_file(stored, str(tmp_path / "int8" / "model.safetensors"), metadata={"bitdance_storage": "int4-blocks"})
     with pytest.raises(UserError, match="stores its weights as 'int4-blocks'"):
-        Net.from_pretrained(tmp_path / "int8")
+        TinyNet.from_pretrained(tmp_path / "int8")
 
 
 def test_resume_prefers_the_out_folders_own_checkpoint(tmp_path):
@@ -288,26 +276,12 @@ def test_unreadable_weight_files_give_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="empty.pt"):
         load_checkpoint(tmp_path / "empty.pt")
 
-    model = _TinyPretrained(_TinyConfig())
+    model = TinyNet(TinyConfig())
     model.save_pretrained(tmp_path / "model")
     weights = tmp_path / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])  # a download or copy cut short
     with pytest.raises(UserError, match="model.safetensors"):
-        _TinyPretrained.from_pretrained(tmp_path / "model")
-
-
-@dataclass
-class _TinyConfig:
-    width: int = 4
-
-
-class _TinyPretrained(nn.Module, PretrainedMixin):
-    config_class = _TinyConfig
-
-    def __init__(self, config: _TinyConfig):
-        super().__init__()
-        self.config = config
-        self.linear = nn.Linear(config.width, config.width)
+        TinyNet.from_pretrained(tmp_path / "model")
 
 
 def test_ctrl_c_waits_for_the_step_boundary_and_a_second_one_does_not(capsys, monkeypatch):
