@@ -249,3 +249,16 @@ def test_guide_model_needs_no_null_class_but_the_same_tokens():
     for other, field in others:
         with pytest.raises(UserError, match=f"guide model does not match the model: {field}"):
             generate(model, torch.tensor([0]), cfg_scale=2.0, progress=False, guide_model=other)
+
+
+@pytest.mark.parametrize("head", ["diffusion", "bitwise"])
+def test_head_sample_refuses_guidance_inputs_it_cannot_mix(head):
+    model = make(parallel=4, head=head)
+    cond = torch.randn(3, 4, model.head.config.cond_dim)  # 3 rows: not a [cond; uncond] stack
+    with pytest.raises(ValueError, match="even rows"):
+        model.head.sample(cond, 2, 2.0)
+    with pytest.raises(ValueError, match="a guide head needs a cfg_scale"):
+        model.head.sample(cond, 2, None, guide=(model.head, cond))
+    with pytest.raises(ValueError, match="cond must be"):  # the guide's condition is checked against its own head
+        model.head.sample(cond, 2, 2.0, guide=(model.head, cond[..., :-1]))
+    assert model.head.sample(cond, 2, 2.0, guide=(model.head, cond)).shape == (3, 4, model.config.token_bits)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdance.flow import check_temperature
-from bitdance.models.diffusion_head import HeadConfig, check_head_inputs, validate_head_config
+from bitdance.models.diffusion_head import HeadConfig, check_head_inputs, check_sample_inputs, validate_head_config
 from bitdance.utils import fp32_island, random_on
 
 
@@ -76,17 +76,11 @@ class BitwiseHead(nn.Module):
         0: argmax. guide = (guide_head, guide_cond), with a float cfg_scale: autoguidance, u is the guide head's
         logits on its own condition and cond is (b, p, d).
         """
-        check_head_inputs(self.config, cond)
-        m = cond.shape[0]
-        if guide is not None and cfg_scale is None:
-            raise ValueError("a guide head needs a cfg_scale")
-        if guide is None and cfg_scale is not None and m % 2:
-            raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
+        check_sample_inputs(self.config, cond, cfg_scale, guide)
         with fp32_island(cond.device.type):
             logits = self.logits(cond.float())  # (m, p, k, 2)
             if guide is not None:
                 guide_head, guide_cond = guide
-                check_head_inputs(guide_head.config, guide_cond)
                 lc, lu = logits, guide_head.logits(guide_cond.float())
                 logits = lu + cfg_scale * (lc - lu)  # (b, p, k, 2)
             elif cfg_scale is not None:

@@ -272,6 +272,23 @@ def check_head_inputs(config: HeadConfig, cond: torch.Tensor, target: torch.Tens
         raise ValueError(f"target must be {(*cond.shape[:2], config.token_bits)}, got {tuple(target.shape)}")
 
 
+def check_sample_inputs(config: HeadConfig, cond: torch.Tensor, cfg_scale: float | None, guide) -> int:
+    """The guidance inputs both heads' `sample` accept; returns b, the number of samples. cfg_scale None: cond is
+    (b, p, d); float: [cond; uncond] (2b rows), or with guide = (guide_head, guide_cond) cond and guide_cond are
+    each (b, p, d) of their own head."""
+    check_head_inputs(config, cond)
+    m = cond.shape[0]
+    if guide is not None:
+        if cfg_scale is None:
+            raise ValueError("a guide head needs a cfg_scale")
+        guide_head, guide_cond = guide
+        check_head_inputs(guide_head.config, guide_cond)
+        return m
+    if cfg_scale is not None and m % 2:
+        raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
+    return m if cfg_scale is None else m // 2
+
+
 class DiffusionHead(nn.Module):
     """Binary diffusion head (`self.net` + a weight-free `RectifiedFlow`).
 
@@ -361,20 +378,13 @@ class DiffusionHead(nn.Module):
         cond is (b, p, d) and the guiding branch is another (weaker) head on its own condition instead of this
         head on the null class, v = v_guide + cfg_scale (v - v_guide).
         """
-        check_head_inputs(self.config, cond)
-        m, p, _ = cond.shape
-        if guide is not None and cfg_scale is None:
-            raise ValueError("a guide head needs a cfg_scale")
-        if guide is None and cfg_scale is not None and m % 2:
-            raise ValueError(f"with cfg_scale the condition must stack [cond; uncond] (even rows), got {m}")
-        b = m if cfg_scale is None or guide is not None else m // 2
+        b, p = check_sample_inputs(self.config, cond, cfg_scale, guide), cond.shape[1]
         # The condition is fixed for the whole flow and t is shared by all rows at each flow step: embed
         # the condition once per call and t once per step, not per row and step.
         c_emb = self.embed_cond(cond.float())
         fn = lambda z, t: self.forward_net(z, t, None, c_emb, self.net.time_embed(t[:1]))  # noqa: E731
         if guide is not None:
             guide_head, guide_cond = guide
-            check_head_inputs(guide_head.config, guide_cond)
             g_emb = guide_head.embed_cond(guide_cond.float())
             own = fn
 
