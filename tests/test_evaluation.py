@@ -428,11 +428,13 @@ def test_cli_classifier_and_model_sampling(idx_folder, tmp_path, capsys, monkeyp
         num_classes = 3  # the tiny IDX data has 3 classes (named "0", "1", "2": its folder is not called fashion)
 
         @classmethod
-        def from_pretrained(cls, path):
+        def from_pretrained(cls, path, guide_model=None):
+            assert guide_model is None  # none asked for below
             return cls()
 
         def __call__(self, class_labels, num_inference_steps=None, guidance_scale=None, generator=None,
-                     output_type="pil", progress=True, cfg_schedule=None, temperature=None):
+                     output_type="pil", progress=True, cfg_schedule=None, temperature=None, guidance=None):
+            assert guidance is None
             FakePipeline.calls.append((list(class_labels), generator.initial_seed()))
             FakePipeline.schedules.append((cfg_schedule, temperature))
             pics = np.stack([separable_images(3, size=16, seed=len(self.calls))[0][c] for c in class_labels])

@@ -124,8 +124,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
                              "set_guide")
         pipe = model
     else:
-        # guide_model only when given: stand-in pipelines (tests, wrappers) keep a from_pretrained(path)
-        pipe = BitDancePipeline.from_pretrained(model, **({} if guide_model is None else {"guide_model": guide_model}))
+        pipe = BitDancePipeline.from_pretrained(model, guide_model=guide_model)
     if (device is not None or dtype is not None) and hasattr(pipe, "to"):
         pipe = pipe.to(device, dtype=dtype) or pipe  # dtype: the autocast dtype (e.g. bfloat16 on a GPU)
     num_classes = getattr(pipe, "num_classes", None) or num_classes
@@ -138,7 +137,7 @@ def generate_samples(model: str | os.PathLike, num_samples: int, num_classes: in
         out = pipe(class_labels=labels[start:start + batch_size].tolist(),
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    cfg_schedule=cfg_schedule, generator=gen, output_type="np", progress=False,
-                   temperature=temperature, **({} if guidance is None else {"guidance": guidance}))
+                   temperature=temperature, guidance=guidance)
         images.append(np.asarray(out.images, dtype=np.uint8))  # (b, H, W, c)
     source = str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     model_config = getattr(getattr(pipe, "model", None), "config", None)  # None for a stand-in pipeline
