@@ -371,10 +371,11 @@ class PretrainedMixin:
             raise UserError(f"{directory} holds a {saved}, not a {cls.__name__}")
         model = cls(config_from_dict(cls.config_class, raw))
         try:
-            with safe_open(str(weights), "pt") as f:
+            with safe_open(str(weights), "pt") as f:  # the header names the storage format
                 storage = (f.metadata() or {}).get(STORAGE_KEY)
-            if storage == INT8_STORAGE:
-                model.load_state_dict(dequantize_int8(read_safetensors(weights)), strict=True)
+                stored = {k: f.get_tensor(k) for k in f.keys()} if storage == INT8_STORAGE else None
+            if stored is not None:
+                model.load_state_dict(dequantize_int8(stored), strict=True)
             elif storage is not None:
                 raise UserError(f"{weights} stores its weights as {storage!r}, which this version cannot read")
             else:
